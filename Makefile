@@ -1,0 +1,42 @@
+# ployz: `make test` runs everything CI runs; `make demo` moves a workload on the local
+# environment. Both install what a fresh machine lacks.
+SHELL := /bin/bash
+CARGO ?= cargo
+export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
+
+.PHONY: test deps bins lint unit e2e smoke crds examples fmt clean-env
+
+test: deps lint unit e2e
+
+# System packages (zfs-fuse, iproute2) a fresh machine lacks.
+deps:
+	@tests/env/install-deps.sh
+
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok, built from
+# Go modules into $(PLOYZ_CACHE); a second run builds nothing.
+bins:
+	@tests/env/build-bins.sh >/dev/null
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+unit:
+	$(CARGO) test --workspace --exclude ployz-e2e --locked
+
+# End-to-end suites on a real control plane, real zfs-fuse machines and network namespaces.
+e2e: deps bins
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked
+
+smoke: deps bins
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test smoke
+
+# Regenerate the CRD YAML from the Rust types (a test fails when the committed copy drifts).
+crds:
+	$(CARGO) run -q -p ployz --bin crdgen -- crds
+
+examples:
+	$(CARGO) run -q -p ployzctl -- migrate render-manifest production/web --to machine-b > examples/migration.yaml
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,287 @@
+//! The `Migration` resource: "move this workload to that machine".
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Moves a workload (its pods and its ZFS-backed volumes) from the machine it runs on to
+/// another machine. A Migration is a one-shot request: its spec cannot change after creation
+/// (a changed mind is a new Migration); deleting it while in flight cancels the move and
+/// leaves the workload running on the source.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "ployz.dev",
+    version = "v1alpha1",
+    kind = "Migration",
+    namespaced,
+    status = "MigrationStatus",
+    shortname = "mig",
+    category = "ployz",
+    derive = "PartialEq",
+    cel,
+    doc = "A request to move a workload and its ZFS-backed volumes to another machine.",
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service"),
+    printcolumn(name = "From", type_ = "string", json_path = ".status.plan.source"),
+    printcolumn(name = "To", type_ = "string", json_path = ".spec.to"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Progress",
+        type_ = "string",
+        json_path = ".status.progress.summary"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.reason",
+        priority = 1
+    ),
+    selectable = ".spec.service",
+    selectable = ".spec.to",
+    selectable = ".spec.from"
+)]
+#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: to change a migration, delete it and create a new one"))]
+#[x_kube(validation = Rule::new("!has(self.from) || self.from != self.to").message("spec.from and spec.to name the same machine: a migration must move the workload to another machine"))]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationSpec {
+    /// The workload to move: a Deployment or StatefulSet in this namespace, or a Service that
+    /// selects exactly one of them.
+    #[schemars(schema_with = "super::subdomain_schema")]
+    pub service: String,
+
+    /// The machine (node) to move the workload to.
+    #[schemars(schema_with = "super::subdomain_schema")]
+    pub to: String,
+
+    /// The machine the workload is expected to run on. When set and the workload runs
+    /// elsewhere, the migration fails instead of moving it, which makes a re-applied manifest
+    /// (GitOps) safe.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "super::optional_subdomain_schema")]
+    pub from: Option<String>,
+
+    /// How the data crosses the network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer: Option<TransferOptions>,
+
+    /// Limits on how long the move may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeouts: Option<Timeouts>,
+
+    /// What becomes of the data left on the source after a successful move: `Replica` keeps it
+    /// as a read-only replica holding the last common snapshot, so moving back sends only the
+    /// delta; `Delete` destroys it. Default `Replica`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_copy: Option<SourceCopy>,
+}
+
+/// Transfer tuning.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferOptions {
+    /// Upper bound of the transfer rate, in bytes per second, as a quantity (for example
+    /// `100Mi`). Unlimited when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('1Ki')) >= 0").message("bandwidthLimit must be a quantity of at least 1Ki (bytes per second), for example 100Mi"))]
+    pub bandwidth_limit: Option<Quantity>,
+
+    /// Compression on the wire. `Zstd` helps on slow links with compressible data; `None`
+    /// (default) is fastest on a LAN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compression: Option<Compression>,
+}
+
+/// Wire compression.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Compression {
+    #[default]
+    None,
+    Zstd,
+}
+
+/// Timeouts, in seconds.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Timeouts {
+    /// Longest the workload may be down during cutover (scale-down to Ready on the target)
+    /// before the migration rolls back to the source. Default 600.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub cutover_seconds: Option<u32>,
+
+    /// Longest wait for the workload's pods to turn Ready on the target. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub target_ready_seconds: Option<u32>,
+
+    /// A transfer that makes no progress for this long is aborted and retried. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub no_progress_seconds: Option<u32>,
+}
+
+/// What happens to the source's copy after a successful move.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SourceCopy {
+    /// Keep as a read-only replica (fast way back).
+    #[default]
+    Replica,
+    /// Destroy it.
+    Delete,
+}
+
+/// Where a migration is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Phase {
+    /// Accepted, not started (validating, waiting for a transfer slot).
+    Pending,
+    /// Taking snapshots of the volumes on the source.
+    Snapshotting,
+    /// Pre-copy: sending snapshots to the target while the workload runs.
+    Sending,
+    /// Workload stopped; final delta, volumes rebound, workload started on the target.
+    CuttingOver,
+    /// Undoing a failed or cancelled move: workload back on the source.
+    RollingBack,
+    /// The workload runs on the target.
+    Succeeded,
+    /// The move failed; the workload runs on the source.
+    Failed,
+    /// The migration was deleted in flight; the workload runs on the source.
+    Cancelled,
+}
+
+impl Phase {
+    /// Terminal phases never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed | Phase::Cancelled)
+    }
+}
+
+/// Observed state of a migration.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Machine-readable reason for the current phase (CamelCase), e.g. `TargetNotReady`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+
+    /// Human-readable explanation: what happened and what to do about it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "super::conditions_schema")]
+    pub conditions: Vec<Condition>,
+
+    /// What is moved, from where to where.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<MigrationPlan>,
+
+    /// Bytes sent against the estimate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+
+    /// When each phase was entered, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phase_transitions: Vec<PhaseTransition>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<Time>,
+
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<Time>,
+
+    /// Measured downtime: from the start of the scale-down on the source to the workload
+    /// Ready on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_milliseconds: Option<u64>,
+}
+
+/// The plan the source agent executes; also what `ployzctl migrate preview` prints.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct MigrationPlan {
+    /// Machine the workload runs on.
+    pub source: String,
+    /// Machine it moves to.
+    pub target: String,
+    /// The workload resolved from `spec.service`.
+    pub workload: WorkloadRef,
+    pub volumes: Vec<VolumePlan>,
+}
+
+/// A Deployment or StatefulSet.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// `Deployment` or `StatefulSet`.
+    pub kind: String,
+    pub name: String,
+}
+
+/// One volume of the workload and how it moves.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumePlan {
+    /// PersistentVolumeClaim name.
+    pub claim: String,
+    /// PersistentVolume name.
+    pub volume: String,
+    /// Dataset on the source machine.
+    pub source_dataset: String,
+    /// Dataset on the target machine.
+    pub target_dataset: String,
+    /// Snapshot (or bookmark) present on both sides that the send is incremental from;
+    /// unset for a full send.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// Estimated bytes to send for this volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_bytes: Option<u64>,
+}
+
+/// Transfer progress, total and per volume.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Progress {
+    pub bytes_sent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_estimated: Option<u64>,
+    /// Short human form for `kubectl get`, e.g. `1.2GiB/2.0GiB 60%`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub summary: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeProgress>,
+}
+
+/// Progress of one volume.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeProgress {
+    pub claim: String,
+    pub bytes_sent: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_estimated: Option<u64>,
+}
+
+/// The moment a phase was entered.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PhaseTransition {
+    pub phase: Phase,
+    pub time: Time,
+}

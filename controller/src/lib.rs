@@ -1,0 +1,9 @@
+//! ployz: move a stateful Kubernetes workload and its ZFS-backed volumes from one machine to
+//! another, declaratively.
+//!
+//! This library holds the API types, the planner and the side-effect layers (ZFS, transfer,
+//! Kubernetes) shared by the per-node agent (`ployz-controller`) and `ployzctl`.
+
+pub mod api;
+pub mod manifest;
+pub mod names;

@@ -1,0 +1,108 @@
+//! Command-line definition. Parsing turns raw arguments into validated values once (names,
+//! references, enums), so commands work with types that cannot be wrong.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ployz::api::{Compression, SourceCopy};
+use ployz::names::{MachineName, ServiceRef};
+
+/// ployzctl: move stateful workloads and their ZFS volumes between machines.
+#[derive(Debug, Parser)]
+#[command(name = "ployzctl", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Print machine-readable JSON instead of human output.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
+    #[arg(long, global = true, env = "KUBECONFIG", value_name = "PATH")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub context: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Move workloads between machines.
+    #[command(subcommand)]
+    Migrate(MigrateCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MigrateCommand {
+    /// Print a Migration manifest for `kubectl apply -f` or a GitOps repository. Needs no cluster.
+    #[command(
+        after_help = "Example:\n  ployzctl migrate render-manifest production/web --to machine-b | kubectl apply -f -"
+    )]
+    RenderManifest(MigrationArgs),
+}
+
+/// What to migrate, where, and how.
+#[derive(Debug, Args)]
+pub struct MigrationArgs {
+    /// The workload to move, as NAMESPACE/SERVICE (a Deployment, StatefulSet, or a Service
+    /// selecting one).
+    #[arg(value_name = "NAMESPACE/SERVICE")]
+    pub workload: ServiceRef,
+    /// Machine to move it to.
+    #[arg(long, value_name = "MACHINE")]
+    pub to: MachineName,
+    /// Machine it is expected to run on now; the migration fails instead of moving it from
+    /// anywhere else.
+    #[arg(long, value_name = "MACHINE")]
+    pub from: Option<MachineName>,
+    /// Name of the Migration object (default SERVICE-to-MACHINE).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Transfer rate limit in bytes per second, as a Kubernetes quantity (e.g. 100Mi).
+    #[arg(long, value_name = "QUANTITY")]
+    pub bandwidth_limit: Option<String>,
+    /// Compression on the wire.
+    #[arg(long, value_enum)]
+    pub compression: Option<CompressionArg>,
+    /// What to keep on the source after the move.
+    #[arg(long, value_enum)]
+    pub source_copy: Option<SourceCopyArg>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum CompressionArg {
+    None,
+    Zstd,
+}
+
+impl From<CompressionArg> for Compression {
+    fn from(c: CompressionArg) -> Self {
+        match c {
+            CompressionArg::None => Compression::None,
+            CompressionArg::Zstd => Compression::Zstd,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum SourceCopyArg {
+    /// Keep a read-only replica (moving back sends only the delta).
+    Replica,
+    /// Destroy the source's data after a successful move.
+    Delete,
+}
+
+impl From<SourceCopyArg> for SourceCopy {
+    fn from(c: SourceCopyArg) -> Self {
+        match c {
+            SourceCopyArg::Replica => SourceCopy::Replica,
+            SourceCopyArg::Delete => SourceCopy::Delete,
+        }
+    }
+}

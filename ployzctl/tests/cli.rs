@@ -1,0 +1,145 @@
+//! The CLI as a user runs it: exit codes, messages and output bytes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn ployzctl(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ployzctl"))
+        .args(args)
+        .env_remove("KUBECONFIG")
+        .output()
+        .unwrap_or_else(|e| panic!("running ployzctl: {e}"))
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn render_manifest_prints_yaml_and_the_same_object_as_json() {
+    let yaml = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "production/web",
+        "--to",
+        "machine-b",
+    ]);
+    assert!(yaml.status.success(), "{}", stderr(&yaml));
+    assert_eq!(
+        stdout(&yaml),
+        "apiVersion: ployz.dev/v1alpha1\nkind: Migration\nmetadata:\n  name: web-to-machine-b\n  namespace: production\nspec:\n  service: web\n  to: machine-b\n"
+    );
+    let json = ployzctl(&[
+        "--json",
+        "migrate",
+        "render-manifest",
+        "production/web",
+        "--to",
+        "machine-b",
+    ]);
+    assert!(json.status.success(), "{}", stderr(&json));
+    let a: serde_json::Value = serde_saphyr::from_str(&stdout(&yaml)).unwrap_or_default();
+    let b: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap_or_default();
+    assert_eq!(a, b);
+    assert_eq!(b["kind"], "Migration");
+    // --json is global: it may also follow the subcommand.
+    let late = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "production/web",
+        "--to",
+        "machine-b",
+        "--json",
+    ]);
+    assert_eq!(stdout(&late), stdout(&json));
+}
+
+#[test]
+fn malformed_references_exit_2_and_show_the_expected_form() {
+    for bad in ["web", "a/b/c", "Prod/web", "", "prod/"] {
+        let o = ployzctl(&["migrate", "render-manifest", bad, "--to", "machine-b"]);
+        assert_eq!(o.status.code(), Some(2), "{bad:?}");
+        assert!(stdout(&o).is_empty(), "{bad:?} printed a manifest");
+        assert!(
+            stderr(&o).contains("expected NAMESPACE/SERVICE"),
+            "{bad:?}: {}",
+            stderr(&o)
+        );
+    }
+}
+
+#[test]
+fn a_missing_or_invalid_target_exits_2() {
+    let o = ployzctl(&["migrate", "render-manifest", "production/web"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--to <MACHINE>"), "{}", stderr(&o));
+
+    let o = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "production/web",
+        "--to",
+        "Machine_B",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("machine \"Machine_B\" is not a valid name"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "p/web",
+        "--to",
+        "m1",
+        "--from",
+        "m1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("pick a different --to"),
+        "{}",
+        stderr(&o)
+    );
+
+    let o = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "p/web",
+        "--to",
+        "m1",
+        "--bandwidth-limit",
+        "fast",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("bandwidthLimit must be a quantity"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn the_committed_example_is_what_render_manifest_prints() {
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migration.yaml");
+    let committed =
+        std::fs::read_to_string(&example).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+    let o = ployzctl(&[
+        "migrate",
+        "render-manifest",
+        "production/web",
+        "--to",
+        "machine-b",
+    ]);
+    assert_eq!(
+        committed,
+        stdout(&o),
+        "examples/migration.yaml drifted; run `make examples` and commit the result"
+    );
+}

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what a fresh machine of this kind lacks for the tests and the demo: zfs-fuse (the
+# test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter).
+# Idempotent and quiet when everything is there.
+set -euo pipefail
+need=()
+command -v /sbin/zfs-fuse >/dev/null 2>&1 || need+=(zfs-fuse)
+command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "[install-deps] apt-get install ${need[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+command -v go >/dev/null 2>&1 || { echo "[install-deps] Go is required to build the test cluster's binaries" >&2; exit 1; }
+[ -e /dev/fuse ] || { echo "[install-deps] /dev/fuse is missing: zfs-fuse cannot run here" >&2; exit 1; }
