@@ -17,9 +17,9 @@ BIN="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-buildvcs=false
 export GOTOOLCHAIN=local CGO_ENABLED=0
 
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml)
 missing=()
-for b in "${want[@]}"; do [ -x "$BIN/$b" ] || missing+=("$b"); done
+for b in "${want[@]}"; do [ -e "$BIN/$b" ] || missing+=("$b"); done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "$BIN"
   exit 0
@@ -80,8 +80,23 @@ build_kwok() {
   mv "$gobin/kwok" "$BIN/kwok"
 }
 
+# kwok does nothing without Stage objects; its module ships the defaults: nodes turn Ready and
+# heartbeat with leases, pods turn Ready, and deleted pods go away.
+kwok_stages() {
+  local stage
+  stage="$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  [ -d "$stage" ] || GOFLAGS=-mod=mod go mod download "sigs.k8s.io/kwok@$KWOK_VERSION"
+  for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
+           pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
+    echo "---"
+    cat "$stage/$f"
+  done > "$BIN/kwok-stages.yaml.tmp"
+  mv "$BIN/kwok-stages.yaml.tmp" "$BIN/kwok-stages.yaml"
+}
+
 case " ${missing[*]} " in *" etcd "*) build_etcd ;; esac
 case " ${missing[*]} " in *" kwok "*) build_kwok ;; esac
-case " ${missing[*]} " in *kube*) build_k8s ;; esac
+case " ${missing[*]} " in *" kwok-stages.yaml "*) kwok_stages ;; esac
+case " ${missing[*]} " in *" kube-"*|*" kubectl "*) build_k8s ;; esac
 log "done"
 echo "$BIN"

@@ -1,1 +1,15 @@
+//! End-to-end harness for ployz: a real Kubernetes control plane (built from Go modules),
+//! real ZFS (one zfs-fuse daemon per machine, in its own mount namespace) and a real network
+//! (one network namespace per machine). Suites build one [`env::Env`] and run their tests
+//! against it through [`suite::run`].
 
+pub mod controlplane;
+pub mod env;
+pub mod k8s;
+pub mod machine;
+pub mod network;
+pub mod pki;
+pub mod process;
+pub mod reaper;
+pub mod suite;
+pub mod wait;

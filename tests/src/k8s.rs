@@ -1,0 +1,248 @@
+//! Kubernetes helpers for tests: CRDs, namespaces, workloads on ZFS-backed local volumes, and
+//! where their pods run.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{
+    Namespace, PersistentVolume, PersistentVolumeClaim, Pod,
+};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use serde_json::json;
+
+use crate::machine::ZfsMachine;
+use crate::wait::until;
+
+const FIELD_MANAGER: &str = "ployz-e2e";
+
+/// Applies every CRD in `dir` and waits until each is Established.
+pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut names = vec![];
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).collect();
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let text = std::fs::read_to_string(entry.path())?;
+        let crd: CustomResourceDefinition = serde_saphyr::from_str(&text)
+            .with_context(|| format!("parsing {}", entry.path().display()))?;
+        let name = crd.metadata.name.clone().context("CRD without a name")?;
+        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
+            .await
+            .with_context(|| format!("applying CRD {name}"))?;
+        names.push(name);
+    }
+    for name in &names {
+        until(&format!("CRD {name} Established"), Duration::from_secs(30), || {
+            let api = api.clone();
+            async move {
+                let crd = api.get(name).await?;
+                let established = crd
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|c| c.type_ == "Established" && c.status == "True");
+                Ok(established.then_some(()))
+            }
+        })
+        .await?;
+    }
+    Ok(names)
+}
+
+pub async fn create_namespace(client: &Client, name: &str) -> Result<()> {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
+    api.create(&PostParams::default(), &ns).await?;
+    Ok(())
+}
+
+/// A ZFS-backed volume as ployz finds it on a machine: a local PV whose path is the mountpoint
+/// of a dataset under the machine's pool, pre-bound to a claim, with node affinity to the
+/// machine.
+#[derive(Debug, Clone)]
+pub struct LocalVolume {
+    pub namespace: String,
+    pub claim: String,
+    pub pv: String,
+    pub dataset: String,
+    pub path: String,
+}
+
+/// The PersistentVolume object for `vol` pinned to `node`.
+pub fn local_pv(vol: &LocalVolume, node: &str, claim_uid: Option<&str>) -> Result<PersistentVolume> {
+    let mut claim_ref = json!({"kind": "PersistentVolumeClaim", "namespace": vol.namespace, "name": vol.claim});
+    if let Some(uid) = claim_uid {
+        claim_ref["uid"] = json!(uid);
+    }
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": vol.pv, "labels": {"ployz.dev/dataset": vol.dataset.replace('/', ".")}},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "ployz-local",
+            "volumeMode": "Filesystem",
+            "local": {"path": vol.path},
+            "claimRef": claim_ref,
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}
+            ]}]}},
+        },
+    }))?)
+}
+
+/// Creates a dataset on `machine`, and a PV and pre-bound PVC for it.
+pub async fn create_local_volume(
+    client: &Client,
+    machine: &ZfsMachine,
+    namespace: &str,
+    claim: &str,
+) -> Result<LocalVolume> {
+    let pv = format!("{namespace}-{claim}");
+    let dataset = format!("{}/ployz/{pv}", machine.pool);
+    let path = machine.create_dataset(&dataset)?;
+    let vol = LocalVolume {
+        namespace: namespace.into(),
+        claim: claim.into(),
+        pv,
+        dataset,
+        path,
+    };
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    pvs.create(&PostParams::default(), &local_pv(&vol, &machine.name, None)?)
+        .await?;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": claim},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "ployz-local",
+            "volumeName": vol.pv,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    pvcs.create(&PostParams::default(), &pvc).await?;
+    Ok(vol)
+}
+
+/// A one-replica Deployment `name` (label app=NAME) mounting `claim` at /data.
+pub async fn create_deployment(client: &Client, namespace: &str, name: &str, claim: &str) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [{
+                        "name": "app",
+                        "image": "registry.k8s.io/pause:3.10",
+                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                    }],
+                    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+                },
+            },
+        },
+    }))?;
+    api.create(&PostParams::default(), &d).await?;
+    Ok(())
+}
+
+fn pod_ready(p: &Pod) -> bool {
+    p.metadata.deletion_timestamp.is_none()
+        && p.status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Nodes of the Ready pods matching `selector`, sorted.
+pub async fn ready_pod_nodes(client: &Client, namespace: &str, selector: &str) -> Result<Vec<String>> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let mut nodes: Vec<String> = pods
+        .list(&ListParams::default().labels(selector))
+        .await?
+        .items
+        .iter()
+        .filter(|p| pod_ready(p))
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+        .collect();
+    nodes.sort();
+    Ok(nodes)
+}
+
+/// Waits until exactly `count` pods matching `selector` are Ready, all on `node`.
+pub async fn wait_ready_on(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+    node: &str,
+    count: usize,
+) -> Result<()> {
+    until(
+        &format!("{count} Ready pod(s) {selector} on {node}"),
+        Duration::from_secs(60),
+        || async move {
+            let nodes = ready_pod_nodes(client, namespace, selector).await?;
+            Ok((nodes.len() == count && nodes.iter().all(|n| n == node)).then_some(()))
+        },
+    )
+    .await
+}
+
+/// Scales a Deployment.
+pub async fn scale_deployment(client: &Client, namespace: &str, name: &str, replicas: i32) -> Result<()> {
+    let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"replicas": replicas}})),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Waits until no pod matches `selector`.
+pub async fn wait_no_pods(client: &Client, namespace: &str, selector: &str) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    until(&format!("pods {selector} gone"), Duration::from_secs(60), || {
+        let pods = pods.clone();
+        async move {
+            let n = pods.list(&ListParams::default().labels(selector)).await?.items.len();
+            Ok((n == 0).then_some(()))
+        }
+    })
+    .await
+}
+
+/// Recreates the PV of `vol` with node affinity to `node` (node affinity is immutable, so the
+/// PV is deleted and created again under the same name and claim).
+pub async fn rebind_volume(client: &Client, vol: &LocalVolume, node: &str) -> Result<()> {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &vol.namespace);
+    let claim_uid = pvcs.get(&vol.claim).await?.metadata.uid;
+    // pv-protection holds deletion while the claim is bound; the claim stays and rebinds.
+    pvs.patch(
+        &vol.pv,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await?;
+    pvs.delete(&vol.pv, &DeleteParams::default()).await?;
+    until(&format!("PV {} deleted", vol.pv), Duration::from_secs(30), || {
+        let pvs = pvs.clone();
+        async move { Ok(pvs.get_opt(&vol.pv).await?.is_none().then_some(())) }
+    })
+    .await?;
+    pvs.create(&PostParams::default(), &local_pv(vol, node, claim_uid.as_deref())?)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Smoke suite: the environment itself is real. A control plane that accepts the CRDs and
+//! enforces their rules, nodes whose placement semantics follow PV node affinity, two machines
+//! whose traffic crosses a real link, and ZFS that sends between them.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::{ExitCode, Stdio};
+
+use anyhow::{Context, Result, bail, ensure};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::core::{DynamicObject, GroupVersionKind};
+use kube::discovery::ApiResource;
+use ployz::api::{Machine, Migration};
+use ployz::manifest::{Format, MigrationRequest, render};
+use ployz_e2e::env::{Env, Options};
+use ployz_e2e::k8s;
+use ployz_e2e::network::join;
+use ployz_e2e::process::run;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+fn main() -> ExitCode {
+    ployz_e2e::suite::run(
+        Options::new("smoke"),
+        &[
+            ("control_plane_is_ready_with_two_kwok_nodes", control_plane_ready),
+            ("crds_install_and_become_established", crds_install),
+            ("rendered_migration_is_accepted", rendered_migration_is_accepted),
+            ("invalid_migrations_are_rejected_by_the_schema", invalid_migrations_rejected),
+            ("machine_columns_show_in_kubectl", machine_columns),
+            ("local_zfs_volume_pins_and_follows_node_affinity", placement_follows_pv_affinity),
+            ("byte_stream_crosses_between_machine_namespaces", byte_stream_crosses),
+            ("zfs_send_over_tcp_arrives_with_matching_checksums", zfs_send_over_tcp),
+        ],
+    )
+}
+
+fn kubectl(env: &Env, args: &[&str]) -> Result<String> {
+    let bins = ployz_e2e::env::bin_dir(&env.root)?;
+    let mut cmd = std::process::Command::new(bins.join("kubectl"));
+    cmd.arg("--kubeconfig").arg(env.kubeconfig()?).args(args);
+    run(&mut cmd)
+}
+
+fn control_plane_ready(env: &mut Env) -> Result<()> {
+    env.check_control_plane()?;
+    let version = env.block_on(env.client.apiserver_version())?;
+    ensure!(version.git_version == "v1.36.3", "apiserver reports {}", version.git_version);
+    let out = kubectl(env, &["get", "nodes", "-o", "name"])?;
+    ensure!(out == "node/machine-a\nnode/machine-b\n", "nodes: {out}");
+    Ok(())
+}
+
+fn crds_install(env: &mut Env) -> Result<()> {
+    let names = env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
+    ensure!(
+        names == ["machines.ployz.dev", "migrations.ployz.dev"],
+        "installed {names:?}"
+    );
+    Ok(())
+}
+
+fn rendered_migration_is_accepted(env: &mut Env) -> Result<()> {
+    env.block_on(k8s::create_namespace(&env.client, "production"))?;
+    // What ployzctl prints (examples/migration.yaml is checked to equal it), applied by kubectl.
+    let out = kubectl(env, &["apply", "-f", &env.root.join("examples/migration.yaml").to_string_lossy()])?;
+    ensure!(out.contains("migration.ployz.dev/web-to-machine-b created"), "{out}");
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), "production");
+    let m = env.block_on(api.get("web-to-machine-b"))?;
+    ensure!(m.spec.service == "web" && m.spec.to == "machine-b", "{:?}", m.spec);
+
+    // A richer manifest through the library, as JSON.
+    let mut req = MigrationRequest::new("production/db".parse()?, "machine-a".parse()?);
+    req.from = Some("machine-b".parse()?);
+    req.bandwidth_limit = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity("50Mi".into()));
+    let json = render(&req.to_migration()?, Format::Json)?;
+    let obj: Migration = serde_json::from_str(&json)?;
+    env.block_on(api.create(&PostParams::default(), &obj))?;
+
+    // The selectable fields work: kubectl can select by target machine.
+    let out = kubectl(env, &["get", "migrations", "-n", "production", "--field-selector", "spec.to=machine-a", "-o", "name"])?;
+    ensure!(out == "migration.ployz.dev/db-to-machine-a\n", "field selector: {out}");
+    Ok(())
+}
+
+/// Creates `spec` as a Migration and returns the API server's refusal message.
+fn refusal(env: &Env, name: &str, spec: serde_json::Value) -> Result<String> {
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("ployz.dev", "v1alpha1", "Migration"));
+    let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), "production", &ar);
+    let obj: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "ployz.dev/v1alpha1", "kind": "Migration",
+        "metadata": {"name": name}, "spec": spec,
+    }))?;
+    match env.block_on(api.create(&PostParams::default(), &obj)) {
+        Ok(_) => bail!("{name}: accepted {spec}"),
+        Err(kube::Error::Api(s)) => Ok(s.message),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn invalid_migrations_rejected(env: &mut Env) -> Result<()> {
+    let cases = [
+        ("bad-service", json!({"service": "Web", "to": "machine-b"}), "spec.service: Invalid value"),
+        ("bad-to", json!({"service": "web", "to": "machine_b"}), "spec.to: Invalid value"),
+        ("no-to", json!({"service": "web"}), "spec.to: Required value"),
+        ("same", json!({"service": "web", "to": "machine-a", "from": "machine-a"}), "spec.from and spec.to name the same machine"),
+        ("slow", json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "12"}}), "bandwidthLimit must be a quantity of at least 1Ki"),
+        ("bad-timeout", json!({"service": "web", "to": "machine-b", "timeouts": {"cutoverSeconds": 1}}), "spec.timeouts.cutoverSeconds: Invalid value"),
+        ("bad-copy", json!({"service": "web", "to": "machine-b", "sourceCopy": "Keep"}), "spec.sourceCopy: Unsupported value"),
+    ];
+    for (name, spec, want) in cases {
+        let msg = refusal(env, name, spec)?;
+        ensure!(msg.contains(want), "{name}: expected {want:?} in {msg:?}");
+    }
+    // The spec is immutable once created.
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), "production");
+    let err = env.block_on(api.patch(
+        "web-to-machine-b",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"to": "machine-c"}})),
+    ));
+    match err {
+        Err(kube::Error::Api(s)) => ensure!(s.message.contains("spec is immutable"), "{}", s.message),
+        other => bail!("changing spec.to was not refused: {other:?}"),
+    }
+    Ok(())
+}
+
+fn machine_columns(env: &mut Env) -> Result<()> {
+    let api: Api<Machine> = Api::all(env.client.clone());
+    let m: Machine = serde_json::from_value(json!({
+        "apiVersion": "ployz.dev/v1alpha1", "kind": "Machine",
+        "metadata": {"name": "machine-a"},
+        "spec": {"nodeName": "machine-a", "pool": "tank", "parentDataset": "tank/ployz", "endpoint": "198.18.0.11:7443"},
+    }))?;
+    env.block_on(api.create(&PostParams::default(), &m))?;
+    env.block_on(api.patch_status(
+        "machine-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"free": "1.9GiB", "conditions": [{
+            "type": "Ready", "status": "True", "reason": "AgentHeartbeat", "message": "",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})),
+    ))?;
+    let out = kubectl(env, &["get", "machines.ployz.dev"])?;
+    let header: Vec<&str> = out.lines().next().unwrap_or_default().split_whitespace().collect();
+    ensure!(header == ["NAME", "READY", "DRAINING", "POOL", "FREE", "AGE"], "{out}");
+    let row: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
+    ensure!(row[..5] == ["machine-a", "True", "false", "tank", "1.9GiB"], "{out}");
+    env.block_on(api.delete("machine-a", &Default::default()))?;
+    Ok(())
+}
+
+fn placement_follows_pv_affinity(env: &mut Env) -> Result<()> {
+    let client = env.client.clone();
+    env.block_on(k8s::create_namespace(&client, "smoke"))?;
+    let a = env.machine("machine-a")?;
+    let vol = env.block_on(k8s::create_local_volume(&client, a, "smoke", "data"))?;
+    ensure!(vol.path == "/tank/ployz/smoke-data", "mountpoint {}", vol.path);
+    env.block_on(k8s::create_deployment(&client, "smoke", "web", "data"))?;
+    env.block_on(k8s::wait_ready_on(&client, "smoke", "app=web", "machine-a", 1))?;
+
+    // Move the claim's PV to machine-b the way a cutover does: stop, rebind, start.
+    env.block_on(async {
+        k8s::scale_deployment(&client, "smoke", "web", 0).await?;
+        k8s::wait_no_pods(&client, "smoke", "app=web").await?;
+        k8s::rebind_volume(&client, &vol, "machine-b").await?;
+        k8s::scale_deployment(&client, "smoke", "web", 1).await?;
+        k8s::wait_ready_on(&client, "smoke", "app=web", "machine-b", 1).await
+    })?;
+    Ok(())
+}
+
+fn byte_stream_crosses(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let b = env.machine("machine-b")?;
+    let addr = SocketAddr::from((b.ip(), 7001));
+    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let want = Sha256::digest(&payload);
+
+    let listener = join(b.net.run_in(move || Ok(TcpListener::bind(addr)?)))?;
+    let server = std::thread::spawn(move || -> Result<(Vec<u8>, SocketAddr)> {
+        let (mut conn, peer) = listener.accept()?;
+        let mut got = vec![];
+        conn.read_to_end(&mut got)?;
+        Ok((Sha256::digest(&got).to_vec(), peer))
+    });
+    join(a.net.run_in(move || {
+        let mut s = TcpStream::connect(addr)?;
+        s.write_all(&payload)?;
+        Ok(())
+    }))?;
+    let (got, peer) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    ensure!(got == want.to_vec(), "checksum mismatch");
+    ensure!(peer.ip() == a.ip(), "connection came from {peer}, not machine-a");
+    // Not reachable from the host's loopback: the listener lives in machine-b's namespace.
+    ensure!(TcpStream::connect(("127.0.0.1", 7001)).is_err(), "port 7001 open on the host");
+    Ok(())
+}
+
+fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let b = env.machine("machine-b")?;
+    let src = format!("{}/smoke-send", a.pool);
+    let mp = a.create_dataset(&src)?;
+    a.sh(&format!(
+        "mkdir -p {mp}/dir && head -c 16777216 /dev/urandom > {mp}/big && echo hello > {mp}/dir/small"
+    ))?;
+    a.zfs(&["snapshot", &format!("{src}@s1")])?;
+    let dst = format!("{}/smoke-recv", b.pool);
+
+    let addr = SocketAddr::from((b.ip(), 7002));
+    let listener = join(b.net.run_in(move || Ok(TcpListener::bind(addr)?)))?;
+    let mut recv = b.command("/sbin/zfs");
+    recv.args(["receive", "-u", &dst]).stdin(Stdio::piped()).stderr(Stdio::piped());
+    let receiver = std::thread::spawn(move || -> Result<()> {
+        let (mut conn, _) = listener.accept()?;
+        let mut child = recv.spawn()?;
+        let mut stdin = child.stdin.take().context("receive stdin")?;
+        std::io::copy(&mut conn, &mut stdin)?;
+        drop(stdin);
+        let out = child.wait_with_output()?;
+        ensure!(out.status.success(), "zfs receive: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    });
+    let mut send = a.command("/sbin/zfs");
+    send.args(["send", &format!("{src}@s1")]).stdout(Stdio::piped());
+    join(a.net.run_in(move || {
+        let mut child = send.spawn()?;
+        let mut stdout = child.stdout.take().context("send stdout")?;
+        let mut s = TcpStream::connect(addr)?;
+        std::io::copy(&mut stdout, &mut s)?;
+        ensure!(child.wait()?.success(), "zfs send failed");
+        Ok(())
+    }))?;
+    receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+
+    b.zfs(&["mount", &dst])?;
+    let want = a.checksums(&mp)?;
+    let got = b.checksums(&format!("/tank/smoke-recv"))?;
+    ensure!(want.lines().count() == 2, "source files: {want}");
+    ensure!(got == want, "checksums differ:\n{want}\nvs\n{got}");
+    let guid = |m: &ployz_e2e::machine::ZfsMachine, ds: &str| {
+        m.zfs(&["get", "-H", "-p", "-o", "value", "guid", &format!("{ds}@s1")])
+    };
+    ensure!(guid(a, &src)? == guid(b, &dst)?, "snapshot GUIDs differ");
+    Ok(())
+}
