@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::core::v1::Node;
-use kube::api::{Api, PostParams};
 use kube::Client;
+use kube::api::{Api, PostParams};
 
 use crate::controlplane::ControlPlane;
 use crate::machine::ZfsMachine;
@@ -167,11 +167,15 @@ impl Env {
         }
         for m in &self.machines {
             let nodes = nodes.clone();
-            until(&format!("node {} Ready", m.name), Duration::from_secs(60), || {
-                let nodes = nodes.clone();
-                let name = m.name.clone();
-                async move { Ok(node_ready(&nodes.get(&name).await?).then_some(())) }
-            })
+            until(
+                &format!("node {} Ready", m.name),
+                Duration::from_secs(60),
+                || {
+                    let nodes = nodes.clone();
+                    let name = m.name.clone();
+                    async move { Ok(node_ready(&nodes.get(&name).await?).then_some(())) }
+                },
+            )
             .await?;
         }
         Ok(())
@@ -188,7 +192,10 @@ impl Env {
 
 impl std::fmt::Debug for Env {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Env").field("machines", &self.machines).field("logs", &self.logs).finish_non_exhaustive()
+        f.debug_struct("Env")
+            .field("machines", &self.machines)
+            .field("logs", &self.logs)
+            .finish_non_exhaustive()
     }
 }
 

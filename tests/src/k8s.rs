@@ -6,12 +6,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{
-    Namespace, PersistentVolume, PersistentVolumeClaim, Pod,
-};
+use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
 use crate::machine::ZfsMachine;
@@ -30,25 +28,33 @@ pub async fn install_crds(client: &Client, dir: &Path) -> Result<Vec<String>> {
         let crd: CustomResourceDefinition = serde_saphyr::from_str(&text)
             .with_context(|| format!("parsing {}", entry.path().display()))?;
         let name = crd.metadata.name.clone().context("CRD without a name")?;
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&crd))
-            .await
-            .with_context(|| format!("applying CRD {name}"))?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .with_context(|| format!("applying CRD {name}"))?;
         names.push(name);
     }
     for name in &names {
-        until(&format!("CRD {name} Established"), Duration::from_secs(30), || {
-            let api = api.clone();
-            async move {
-                let crd = api.get(name).await?;
-                let established = crd
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Established" && c.status == "True");
-                Ok(established.then_some(()))
-            }
-        })
+        until(
+            &format!("CRD {name} Established"),
+            Duration::from_secs(30),
+            || {
+                let api = api.clone();
+                async move {
+                    let crd = api.get(name).await?;
+                    let established = crd
+                        .status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Established" && c.status == "True");
+                    Ok(established.then_some(()))
+                }
+            },
+        )
         .await?;
     }
     Ok(names)
@@ -74,8 +80,13 @@ pub struct LocalVolume {
 }
 
 /// The PersistentVolume object for `vol` pinned to `node`.
-pub fn local_pv(vol: &LocalVolume, node: &str, claim_uid: Option<&str>) -> Result<PersistentVolume> {
-    let mut claim_ref = json!({"kind": "PersistentVolumeClaim", "namespace": vol.namespace, "name": vol.claim});
+pub fn local_pv(
+    vol: &LocalVolume,
+    node: &str,
+    claim_uid: Option<&str>,
+) -> Result<PersistentVolume> {
+    let mut claim_ref =
+        json!({"kind": "PersistentVolumeClaim", "namespace": vol.namespace, "name": vol.claim});
     if let Some(uid) = claim_uid {
         claim_ref["uid"] = json!(uid);
     }
@@ -114,8 +125,11 @@ pub async fn create_local_volume(
         path,
     };
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
-    pvs.create(&PostParams::default(), &local_pv(&vol, &machine.name, None)?)
-        .await?;
+    pvs.create(
+        &PostParams::default(),
+        &local_pv(&vol, &machine.name, None)?,
+    )
+    .await?;
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": claim},
@@ -131,7 +145,12 @@ pub async fn create_local_volume(
 }
 
 /// A one-replica Deployment `name` (label app=NAME) mounting `claim` at /data.
-pub async fn create_deployment(client: &Client, namespace: &str, name: &str, claim: &str) -> Result<()> {
+pub async fn create_deployment(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    claim: &str,
+) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
@@ -165,7 +184,11 @@ fn pod_ready(p: &Pod) -> bool {
 }
 
 /// Nodes of the Ready pods matching `selector`, sorted.
-pub async fn ready_pod_nodes(client: &Client, namespace: &str, selector: &str) -> Result<Vec<String>> {
+pub async fn ready_pod_nodes(
+    client: &Client,
+    namespace: &str,
+    selector: &str,
+) -> Result<Vec<String>> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut nodes: Vec<String> = pods
         .list(&ListParams::default().labels(selector))
@@ -199,7 +222,12 @@ pub async fn wait_ready_on(
 }
 
 /// Scales a Deployment.
-pub async fn scale_deployment(client: &Client, namespace: &str, name: &str, replicas: i32) -> Result<()> {
+pub async fn scale_deployment(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    replicas: i32,
+) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     api.patch(
         name,
@@ -213,13 +241,21 @@ pub async fn scale_deployment(client: &Client, namespace: &str, name: &str, repl
 /// Waits until no pod matches `selector`.
 pub async fn wait_no_pods(client: &Client, namespace: &str, selector: &str) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    until(&format!("pods {selector} gone"), Duration::from_secs(60), || {
-        let pods = pods.clone();
-        async move {
-            let n = pods.list(&ListParams::default().labels(selector)).await?.items.len();
-            Ok((n == 0).then_some(()))
-        }
-    })
+    until(
+        &format!("pods {selector} gone"),
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let n = pods
+                    .list(&ListParams::default().labels(selector))
+                    .await?
+                    .items
+                    .len();
+                Ok((n == 0).then_some(()))
+            }
+        },
+    )
     .await
 }
 
@@ -237,12 +273,19 @@ pub async fn rebind_volume(client: &Client, vol: &LocalVolume, node: &str) -> Re
     )
     .await?;
     pvs.delete(&vol.pv, &DeleteParams::default()).await?;
-    until(&format!("PV {} deleted", vol.pv), Duration::from_secs(30), || {
-        let pvs = pvs.clone();
-        async move { Ok(pvs.get_opt(&vol.pv).await?.is_none().then_some(())) }
-    })
+    until(
+        &format!("PV {} deleted", vol.pv),
+        Duration::from_secs(30),
+        || {
+            let pvs = pvs.clone();
+            async move { Ok(pvs.get_opt(&vol.pv).await?.is_none().then_some(())) }
+        },
+    )
     .await?;
-    pvs.create(&PostParams::default(), &local_pv(vol, node, claim_uid.as_deref())?)
-        .await?;
+    pvs.create(
+        &PostParams::default(),
+        &local_pv(vol, node, claim_uid.as_deref())?,
+    )
+    .await?;
     Ok(())
 }

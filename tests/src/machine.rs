@@ -83,10 +83,14 @@ impl ZfsMachine {
             pool_file: dir.join("pool.img"),
             daemon,
         };
-        wait_for(&format!("zfs-fuse on {name}"), Duration::from_secs(20), || {
-            m.daemon.check_running()?;
-            Ok(m.zfs(&["list"]).is_ok())
-        })?;
+        wait_for(
+            &format!("zfs-fuse on {name}"),
+            Duration::from_secs(20),
+            || {
+                m.daemon.check_running()?;
+                Ok(m.zfs(&["list"]).is_ok())
+            },
+        )?;
         let f = std::fs::File::create(&m.pool_file)?;
         f.set_len(pool_size)?;
         let file = m.pool_file.to_string_lossy().into_owned();

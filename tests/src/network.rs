@@ -26,7 +26,10 @@ pub const SERVICE_CIDR: &str = "198.19.128.0/24";
 /// Creates the bridge with the host's address.
 pub fn create_bridge() -> Result<()> {
     reaper::register(Resource::Link(BRIDGE.into()));
-    run(&mut command("ip", ["link", "add", BRIDGE, "type", "bridge"]))?;
+    run(&mut command(
+        "ip",
+        ["link", "add", BRIDGE, "type", "bridge"],
+    ))?;
     run(&mut command(
         "ip",
         ["addr", "add", &format!("{HOST_IP}/{PREFIX}"), "dev", BRIDGE],
@@ -57,7 +60,10 @@ impl MachineNet {
                 "link", "add", &host_end, "type", "veth", "peer", "name", "eth0", "netns", &netns,
             ],
         ))?;
-        run(&mut command("ip", ["link", "set", &host_end, "master", BRIDGE, "up"]))?;
+        run(&mut command(
+            "ip",
+            ["link", "set", &host_end, "master", BRIDGE, "up"],
+        ))?;
         let ns = |args: &[&str]| {
             let mut full = vec!["-n", netns.as_str()];
             full.extend_from_slice(args);
@@ -87,5 +93,6 @@ impl MachineNet {
 
 /// Joins a [`MachineNet::run_in`] thread, turning a panic into an error.
 pub fn join<T>(h: thread::JoinHandle<Result<T>>) -> Result<T> {
-    h.join().map_err(|_| anyhow!("thread in network namespace panicked"))?
+    h.join()
+        .map_err(|_| anyhow!("thread in network namespace panicked"))?
 }

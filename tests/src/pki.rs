@@ -27,7 +27,9 @@ impl Pki {
     pub fn create(dir: &Path, ips: &[std::net::IpAddr]) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let mut ca_params = CertificateParams::new(vec![])?;
-        ca_params.distinguished_name.push(DnType::CommonName, "ployz-e2e-ca");
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "ployz-e2e-ca");
         ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         ca_params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -45,13 +47,17 @@ impl Pki {
         serving
             .subject_alt_names
             .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        serving.distinguished_name.push(DnType::CommonName, "kube-apiserver");
+        serving
+            .distinguished_name
+            .push(DnType::CommonName, "kube-apiserver");
         serving.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let serving_key = KeyPair::generate()?;
         let serving_cert = serving.signed_by(&serving_key, &ca)?;
 
         let mut admin = CertificateParams::new(vec![])?;
-        admin.distinguished_name.push(DnType::CommonName, "ployz-e2e-admin");
+        admin
+            .distinguished_name
+            .push(DnType::CommonName, "ployz-e2e-admin");
         admin
             .distinguished_name
             .push(DnType::OrganizationName, "system:masters");

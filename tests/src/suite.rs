@@ -20,7 +20,10 @@ pub fn run(opts: Options, tests: &[(&'static str, Test)]) -> ExitCode {
         .iter()
         .any(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)));
     if args.list || !selected {
-        let trials = tests.iter().map(|(n, _)| Trial::test(*n, || Ok(()))).collect();
+        let trials = tests
+            .iter()
+            .map(|(n, _)| Trial::test(*n, || Ok(())))
+            .collect();
         return libtest_mimic::run(&args, trials).exit_code();
     }
     // Releases everything even when start-up panics half-way.

@@ -23,14 +23,32 @@ fn main() -> ExitCode {
     ployz_e2e::suite::run(
         Options::new("smoke"),
         &[
-            ("control_plane_is_ready_with_two_kwok_nodes", control_plane_ready),
+            (
+                "control_plane_is_ready_with_two_kwok_nodes",
+                control_plane_ready,
+            ),
             ("crds_install_and_become_established", crds_install),
-            ("rendered_migration_is_accepted", rendered_migration_is_accepted),
-            ("invalid_migrations_are_rejected_by_the_schema", invalid_migrations_rejected),
+            (
+                "rendered_migration_is_accepted",
+                rendered_migration_is_accepted,
+            ),
+            (
+                "invalid_migrations_are_rejected_by_the_schema",
+                invalid_migrations_rejected,
+            ),
             ("machine_columns_show_in_kubectl", machine_columns),
-            ("local_zfs_volume_pins_and_follows_node_affinity", placement_follows_pv_affinity),
-            ("byte_stream_crosses_between_machine_namespaces", byte_stream_crosses),
-            ("zfs_send_over_tcp_arrives_with_matching_checksums", zfs_send_over_tcp),
+            (
+                "local_zfs_volume_pins_and_follows_node_affinity",
+                placement_follows_pv_affinity,
+            ),
+            (
+                "byte_stream_crosses_between_machine_namespaces",
+                byte_stream_crosses,
+            ),
+            (
+                "zfs_send_over_tcp_arrives_with_matching_checksums",
+                zfs_send_over_tcp,
+            ),
         ],
     )
 }
@@ -45,7 +63,11 @@ fn kubectl(env: &Env, args: &[&str]) -> Result<String> {
 fn control_plane_ready(env: &mut Env) -> Result<()> {
     env.check_control_plane()?;
     let version = env.block_on(env.client.apiserver_version())?;
-    ensure!(version.git_version == "v1.36.3", "apiserver reports {}", version.git_version);
+    ensure!(
+        version.git_version == "v1.36.3",
+        "apiserver reports {}",
+        version.git_version
+    );
     let out = kubectl(env, &["get", "nodes", "-o", "name"])?;
     ensure!(out == "node/machine-a\nnode/machine-b\n", "nodes: {out}");
     Ok(())
@@ -63,23 +85,54 @@ fn crds_install(env: &mut Env) -> Result<()> {
 fn rendered_migration_is_accepted(env: &mut Env) -> Result<()> {
     env.block_on(k8s::create_namespace(&env.client, "production"))?;
     // What ployzctl prints (examples/migration.yaml is checked to equal it), applied by kubectl.
-    let out = kubectl(env, &["apply", "-f", &env.root.join("examples/migration.yaml").to_string_lossy()])?;
-    ensure!(out.contains("migration.ployz.dev/web-to-machine-b created"), "{out}");
+    let out = kubectl(
+        env,
+        &[
+            "apply",
+            "-f",
+            &env.root.join("examples/migration.yaml").to_string_lossy(),
+        ],
+    )?;
+    ensure!(
+        out.contains("migration.ployz.dev/web-to-machine-b created"),
+        "{out}"
+    );
     let api: Api<Migration> = Api::namespaced(env.client.clone(), "production");
     let m = env.block_on(api.get("web-to-machine-b"))?;
-    ensure!(m.spec.service == "web" && m.spec.to == "machine-b", "{:?}", m.spec);
+    ensure!(
+        m.spec.service == "web" && m.spec.to == "machine-b",
+        "{:?}",
+        m.spec
+    );
 
     // A richer manifest through the library, as JSON.
     let mut req = MigrationRequest::new("production/db".parse()?, "machine-a".parse()?);
     req.from = Some("machine-b".parse()?);
-    req.bandwidth_limit = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity("50Mi".into()));
+    req.bandwidth_limit = Some(k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+        "50Mi".into(),
+    ));
     let json = render(&req.to_migration()?, Format::Json)?;
     let obj: Migration = serde_json::from_str(&json)?;
     env.block_on(api.create(&PostParams::default(), &obj))?;
 
     // The selectable fields work: kubectl can select by target machine.
-    let out = kubectl(env, &["get", "migrations", "-n", "production", "--field-selector", "spec.to=machine-a", "-o", "name"])?;
-    ensure!(out == "migration.ployz.dev/db-to-machine-a\n", "field selector: {out}");
+    let out = kubectl(
+        env,
+        &[
+            "get",
+            "migrations",
+            "-n",
+            "production",
+            "--field-selector",
+            "spec.to=machine-a",
+            "-o",
+            "name",
+        ],
+    )?;
+    ensure!(
+        out == "migration.ployz.dev/db-to-machine-a\n",
+        "field selector: {out}"
+    );
     Ok(())
 }
 
@@ -100,13 +153,41 @@ fn refusal(env: &Env, name: &str, spec: serde_json::Value) -> Result<String> {
 
 fn invalid_migrations_rejected(env: &mut Env) -> Result<()> {
     let cases = [
-        ("bad-service", json!({"service": "Web", "to": "machine-b"}), "spec.service: Invalid value"),
-        ("bad-to", json!({"service": "web", "to": "machine_b"}), "spec.to: Invalid value"),
-        ("no-to", json!({"service": "web"}), "spec.to: Required value"),
-        ("same", json!({"service": "web", "to": "machine-a", "from": "machine-a"}), "spec.from and spec.to name the same machine"),
-        ("slow", json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "12"}}), "bandwidthLimit must be a quantity of at least 1Ki"),
-        ("bad-timeout", json!({"service": "web", "to": "machine-b", "timeouts": {"cutoverSeconds": 1}}), "spec.timeouts.cutoverSeconds: Invalid value"),
-        ("bad-copy", json!({"service": "web", "to": "machine-b", "sourceCopy": "Keep"}), "spec.sourceCopy: Unsupported value"),
+        (
+            "bad-service",
+            json!({"service": "Web", "to": "machine-b"}),
+            "spec.service: Invalid value",
+        ),
+        (
+            "bad-to",
+            json!({"service": "web", "to": "machine_b"}),
+            "spec.to: Invalid value",
+        ),
+        (
+            "no-to",
+            json!({"service": "web"}),
+            "spec.to: Required value",
+        ),
+        (
+            "same",
+            json!({"service": "web", "to": "machine-a", "from": "machine-a"}),
+            "spec.from and spec.to name the same machine",
+        ),
+        (
+            "slow",
+            json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "12"}}),
+            "bandwidthLimit must be a quantity of at least 1Ki",
+        ),
+        (
+            "bad-timeout",
+            json!({"service": "web", "to": "machine-b", "timeouts": {"cutoverSeconds": 1}}),
+            "spec.timeouts.cutoverSeconds: Invalid value",
+        ),
+        (
+            "bad-copy",
+            json!({"service": "web", "to": "machine-b", "sourceCopy": "Keep"}),
+            "spec.sourceCopy: Unsupported value",
+        ),
     ];
     for (name, spec, want) in cases {
         let msg = refusal(env, name, spec)?;
@@ -120,7 +201,9 @@ fn invalid_migrations_rejected(env: &mut Env) -> Result<()> {
         &Patch::Merge(json!({"spec": {"to": "machine-c"}})),
     ));
     match err {
-        Err(kube::Error::Api(s)) => ensure!(s.message.contains("spec is immutable"), "{}", s.message),
+        Err(kube::Error::Api(s)) => {
+            ensure!(s.message.contains("spec is immutable"), "{}", s.message)
+        }
         other => bail!("changing spec.to was not refused: {other:?}"),
     }
     Ok(())
@@ -142,10 +225,26 @@ fn machine_columns(env: &mut Env) -> Result<()> {
             "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})),
     ))?;
     let out = kubectl(env, &["get", "machines.ployz.dev"])?;
-    let header: Vec<&str> = out.lines().next().unwrap_or_default().split_whitespace().collect();
-    ensure!(header == ["NAME", "READY", "DRAINING", "POOL", "FREE", "AGE"], "{out}");
-    let row: Vec<&str> = out.lines().nth(1).unwrap_or_default().split_whitespace().collect();
-    ensure!(row[..5] == ["machine-a", "True", "false", "tank", "1.9GiB"], "{out}");
+    let header: Vec<&str> = out
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header == ["NAME", "READY", "DRAINING", "POOL", "FREE", "AGE"],
+        "{out}"
+    );
+    let row: Vec<&str> = out
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        row[..5] == ["machine-a", "True", "false", "tank", "1.9GiB"],
+        "{out}"
+    );
     env.block_on(api.delete("machine-a", &Default::default()))?;
     Ok(())
 }
@@ -155,9 +254,19 @@ fn placement_follows_pv_affinity(env: &mut Env) -> Result<()> {
     env.block_on(k8s::create_namespace(&client, "smoke"))?;
     let a = env.machine("machine-a")?;
     let vol = env.block_on(k8s::create_local_volume(&client, a, "smoke", "data"))?;
-    ensure!(vol.path == "/tank/ployz/smoke-data", "mountpoint {}", vol.path);
+    ensure!(
+        vol.path == "/tank/ployz/smoke-data",
+        "mountpoint {}",
+        vol.path
+    );
     env.block_on(k8s::create_deployment(&client, "smoke", "web", "data"))?;
-    env.block_on(k8s::wait_ready_on(&client, "smoke", "app=web", "machine-a", 1))?;
+    env.block_on(k8s::wait_ready_on(
+        &client,
+        "smoke",
+        "app=web",
+        "machine-a",
+        1,
+    ))?;
 
     // Move the claim's PV to machine-b the way a cutover does: stop, rebind, start.
     env.block_on(async {
@@ -174,7 +283,9 @@ fn byte_stream_crosses(env: &mut Env) -> Result<()> {
     let a = env.machine("machine-a")?;
     let b = env.machine("machine-b")?;
     let addr = SocketAddr::from((b.ip(), 7001));
-    let payload: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 24) as u8).collect();
+    let payload: Vec<u8> = (0..8u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
     let want = Sha256::digest(&payload);
 
     let listener = join(b.net.run_in(move || Ok(TcpListener::bind(addr)?)))?;
@@ -189,11 +300,19 @@ fn byte_stream_crosses(env: &mut Env) -> Result<()> {
         s.write_all(&payload)?;
         Ok(())
     }))?;
-    let (got, peer) = server.join().map_err(|_| anyhow::anyhow!("server panicked"))??;
+    let (got, peer) = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))??;
     ensure!(got == want.to_vec(), "checksum mismatch");
-    ensure!(peer.ip() == a.ip(), "connection came from {peer}, not machine-a");
+    ensure!(
+        peer.ip() == a.ip(),
+        "connection came from {peer}, not machine-a"
+    );
     // Not reachable from the host's loopback: the listener lives in machine-b's namespace.
-    ensure!(TcpStream::connect(("127.0.0.1", 7001)).is_err(), "port 7001 open on the host");
+    ensure!(
+        TcpStream::connect(("127.0.0.1", 7001)).is_err(),
+        "port 7001 open on the host"
+    );
     Ok(())
 }
 
@@ -211,7 +330,9 @@ fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
     let addr = SocketAddr::from((b.ip(), 7002));
     let listener = join(b.net.run_in(move || Ok(TcpListener::bind(addr)?)))?;
     let mut recv = b.command("/sbin/zfs");
-    recv.args(["receive", "-u", &dst]).stdin(Stdio::piped()).stderr(Stdio::piped());
+    recv.args(["receive", "-u", &dst])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped());
     let receiver = std::thread::spawn(move || -> Result<()> {
         let (mut conn, _) = listener.accept()?;
         let mut child = recv.spawn()?;
@@ -219,11 +340,16 @@ fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
         std::io::copy(&mut conn, &mut stdin)?;
         drop(stdin);
         let out = child.wait_with_output()?;
-        ensure!(out.status.success(), "zfs receive: {}", String::from_utf8_lossy(&out.stderr));
+        ensure!(
+            out.status.success(),
+            "zfs receive: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Ok(())
     });
     let mut send = a.command("/sbin/zfs");
-    send.args(["send", &format!("{src}@s1")]).stdout(Stdio::piped());
+    send.args(["send", &format!("{src}@s1")])
+        .stdout(Stdio::piped());
     join(a.net.run_in(move || {
         let mut child = send.spawn()?;
         let mut stdout = child.stdout.take().context("send stdout")?;
@@ -232,15 +358,25 @@ fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
         ensure!(child.wait()?.success(), "zfs send failed");
         Ok(())
     }))?;
-    receiver.join().map_err(|_| anyhow::anyhow!("receiver panicked"))??;
+    receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("receiver panicked"))??;
 
     b.zfs(&["mount", &dst])?;
     let want = a.checksums(&mp)?;
-    let got = b.checksums(&format!("/tank/smoke-recv"))?;
+    let got = b.checksums("/tank/smoke-recv")?;
     ensure!(want.lines().count() == 2, "source files: {want}");
     ensure!(got == want, "checksums differ:\n{want}\nvs\n{got}");
     let guid = |m: &ployz_e2e::machine::ZfsMachine, ds: &str| {
-        m.zfs(&["get", "-H", "-p", "-o", "value", "guid", &format!("{ds}@s1")])
+        m.zfs(&[
+            "get",
+            "-H",
+            "-p",
+            "-o",
+            "value",
+            "guid",
+            &format!("{ds}@s1"),
+        ])
     };
     ensure!(guid(a, &src)? == guid(b, &dst)?, "snapshot GUIDs differ");
     Ok(())
