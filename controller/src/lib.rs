@@ -7,3 +7,5 @@
 pub mod api;
 pub mod manifest;
 pub mod names;
+pub mod transfer;
+pub mod zfs;

@@ -1,0 +1,266 @@
+//! Who may send what. The receiver accepts a stream only for a Migration that exists, targets
+//! this machine, comes from the peer machine (by its certificate), is in a sending phase, and
+//! names the claim; the destination dataset is computed here, under this machine's parent
+//! dataset. Nothing a sender says can make the receiver write elsewhere.
+
+use std::future::Future;
+
+use kube::{Api, Client};
+
+use super::protocol::{Hello, RefusalReason};
+use crate::api::{Migration, Phase};
+use crate::zfs::DatasetName;
+
+/// Permission to receive one volume into `dataset`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub dataset: DatasetName,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct Refusal {
+    pub reason: RefusalReason,
+    pub message: String,
+}
+
+fn refuse(reason: RefusalReason, message: impl Into<String>) -> Refusal {
+    Refusal {
+        reason,
+        message: message.into(),
+    }
+}
+
+/// Decides whether `peer` (a machine name from its certificate) may send for `hello`.
+pub trait Authorizer: Send + Sync {
+    fn authorize(
+        &self,
+        peer: &str,
+        hello: &Hello,
+    ) -> impl Future<Output = Result<Grant, Refusal>> + Send;
+}
+
+/// Where a volume lives on a machine: one dataset per PersistentVolume under the parent.
+/// The planner and the receiver both use this, so they always agree.
+pub fn volume_dataset(parent: &DatasetName, volume: &str) -> Result<DatasetName, String> {
+    parent
+        .child(volume)
+        .map_err(|e| format!("volume {volume:?} cannot name a dataset under {parent}: {e}"))
+}
+
+/// The pure decision, given the Migration as read from the API.
+pub fn decide(
+    machine: &str,
+    parent: &DatasetName,
+    peer: &str,
+    hello: &Hello,
+    migration: Option<&Migration>,
+) -> Result<Grant, Refusal> {
+    let key = &hello.migration;
+    let m = migration.ok_or_else(|| {
+        refuse(
+            RefusalReason::UnknownMigration,
+            format!("no Migration {key} exists; the receiver only accepts streams for existing migrations"),
+        )
+    })?;
+    let status = m.status.as_ref();
+    let plan = status.and_then(|s| s.plan.as_ref()).ok_or_else(|| {
+        refuse(
+            RefusalReason::NotPlanned,
+            format!("Migration {key} has no plan yet"),
+        )
+    })?;
+    if plan.target != machine {
+        return Err(refuse(
+            RefusalReason::NotForThisMachine,
+            format!(
+                "Migration {key} moves to {}, not to this machine ({machine})",
+                plan.target
+            ),
+        ));
+    }
+    if plan.source != peer {
+        return Err(refuse(
+            RefusalReason::WrongPeer,
+            format!(
+                "Migration {key} moves from {}, but the sender's certificate is for {peer}",
+                plan.source
+            ),
+        ));
+    }
+    let phase = status.and_then(|s| s.phase);
+    if !matches!(phase, Some(Phase::Sending | Phase::CuttingOver)) {
+        return Err(refuse(
+            RefusalReason::NotSending,
+            format!("Migration {key} is in phase {phase:?}, not sending"),
+        ));
+    }
+    let volume = plan
+        .volumes
+        .iter()
+        .find(|v| v.claim == hello.claim)
+        .ok_or_else(|| {
+            refuse(
+                RefusalReason::UnknownVolume,
+                format!("Migration {key} does not move claim {:?}", hello.claim),
+            )
+        })?;
+    let dataset = volume_dataset(parent, &volume.volume)
+        .map_err(|e| refuse(RefusalReason::OutsideParent, e))?;
+    if volume.target_dataset != dataset.as_str() {
+        return Err(refuse(
+            RefusalReason::OutsideParent,
+            format!(
+                "Migration {key} plans claim {:?} into {:?}; this machine receives it only as {dataset}",
+                hello.claim, volume.target_dataset
+            ),
+        ));
+    }
+    Ok(Grant { dataset })
+}
+
+/// Reads the Migration from the Kubernetes API.
+#[derive(Clone)]
+pub struct KubeAuthorizer {
+    pub client: Client,
+    pub machine: String,
+    pub parent: DatasetName,
+}
+
+impl std::fmt::Debug for KubeAuthorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeAuthorizer")
+            .field("machine", &self.machine)
+            .field("parent", &self.parent)
+            .finish()
+    }
+}
+
+impl Authorizer for KubeAuthorizer {
+    async fn authorize(&self, peer: &str, hello: &Hello) -> Result<Grant, Refusal> {
+        let api: Api<Migration> = Api::namespaced(self.client.clone(), &hello.migration.namespace);
+        let m = api.get_opt(&hello.migration.name).await.map_err(|e| {
+            refuse(
+                RefusalReason::Internal,
+                format!("reading Migration {}: {e}", hello.migration),
+            )
+        })?;
+        decide(&self.machine, &self.parent, peer, hello, m.as_ref())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{MigrationPlan, MigrationSpec, MigrationStatus, VolumePlan, WorkloadRef};
+    use crate::transfer::protocol::{MigrationKey, PROTOCOL_VERSION};
+
+    fn migration(phase: Phase, target_dataset: &str) -> Migration {
+        let mut m = Migration::new(
+            "m",
+            MigrationSpec {
+                service: "web".into(),
+                to: "b".into(),
+                from: None,
+                transfer: None,
+                timeouts: None,
+                source_copy: None,
+            },
+        );
+        m.status = Some(MigrationStatus {
+            phase: Some(phase),
+            plan: Some(MigrationPlan {
+                source: "a".into(),
+                target: "b".into(),
+                workload: WorkloadRef {
+                    kind: "Deployment".into(),
+                    name: "web".into(),
+                },
+                volumes: vec![VolumePlan {
+                    claim: "data".into(),
+                    volume: "pv-1".into(),
+                    source_dataset: "tank/ployz/pv-1".into(),
+                    target_dataset: target_dataset.into(),
+                    base: None,
+                    estimated_bytes: None,
+                }],
+            }),
+            ..MigrationStatus::default()
+        });
+        m
+    }
+
+    fn hello(claim: &str) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            migration: MigrationKey {
+                namespace: "ns".into(),
+                name: "m".into(),
+            },
+            claim: claim.into(),
+        }
+    }
+
+    fn parent() -> DatasetName {
+        "tank/ployz".parse().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn reason(r: Result<Grant, Refusal>) -> Option<RefusalReason> {
+        r.err().map(|e| e.reason)
+    }
+
+    #[test]
+    fn grants_the_planned_volume_under_the_parent() {
+        let m = migration(Phase::Sending, "tank/ployz/pv-1");
+        let g = decide("b", &parent(), "a", &hello("data"), Some(&m));
+        assert_eq!(
+            g.map(|g| g.dataset.to_string()),
+            Ok("tank/ployz/pv-1".to_string())
+        );
+    }
+
+    #[test]
+    fn refuses_everything_else() {
+        let ok = migration(Phase::Sending, "tank/ployz/pv-1");
+        assert_eq!(
+            reason(decide("b", &parent(), "a", &hello("data"), None)),
+            Some(RefusalReason::UnknownMigration)
+        );
+        assert_eq!(
+            reason(decide("c", &parent(), "a", &hello("data"), Some(&ok))),
+            Some(RefusalReason::NotForThisMachine)
+        );
+        assert_eq!(
+            reason(decide("b", &parent(), "x", &hello("data"), Some(&ok))),
+            Some(RefusalReason::WrongPeer)
+        );
+        assert_eq!(
+            reason(decide("b", &parent(), "a", &hello("other"), Some(&ok))),
+            Some(RefusalReason::UnknownVolume)
+        );
+        let done = migration(Phase::Succeeded, "tank/ployz/pv-1");
+        assert_eq!(
+            reason(decide("b", &parent(), "a", &hello("data"), Some(&done))),
+            Some(RefusalReason::NotSending)
+        );
+        for outside in [
+            "tank/elsewhere",
+            "tank/ployz/../x",
+            "tank/ployz/pv-1/deeper",
+            "other/ployz/pv-1",
+        ] {
+            let m = migration(Phase::Sending, outside);
+            assert_eq!(
+                reason(decide("b", &parent(), "a", &hello("data"), Some(&m))),
+                Some(RefusalReason::OutsideParent),
+                "{outside}"
+            );
+        }
+        let mut no_plan = ok.clone();
+        no_plan.status = None;
+        assert_eq!(
+            reason(decide("b", &parent(), "a", &hello("data"), Some(&no_plan))),
+            Some(RefusalReason::NotPlanned)
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! The sending side: asks the target what it has, picks the base (newest common snapshot by
+//! GUID, or the receiver's resume token), holds the base while it is needed, and streams
+//! `zfs send` to the receiver.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use async_compression::tokio::bufread::ZstdEncoder;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tracing::info;
+
+use super::Progress;
+use super::protocol::{
+    FrameError, Hello, HelloReply, MigrationKey, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure,
+    RefusalReason, TargetState, WireCompression, read_frame, write_frame,
+};
+use super::pump::{Counting, PumpError, PumpOptions, send_chunks};
+use super::tls;
+use crate::api::ZfsInfo;
+use crate::zfs::base::{self, BaseError, SendPlan, TargetSide};
+use crate::zfs::{DatasetName, SendArgs, Zfs, ZfsError, legacy_estimate};
+
+/// One volume to send.
+#[derive(Debug, Clone)]
+pub struct SendJob {
+    pub migration: MigrationKey,
+    pub claim: String,
+    /// The machine receiving it (checked against its TLS certificate).
+    pub target_machine: String,
+    /// The source dataset.
+    pub dataset: DatasetName,
+    /// Snapshot (short name) to bring the target to.
+    pub to: String,
+    pub compression: WireCompression,
+    pub rate_limit: Option<u64>,
+    pub no_progress: Duration,
+}
+
+/// What a send did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SendReport {
+    /// The target already had the snapshot.
+    UpToDate,
+    Sent {
+        /// Incremental base, or `None` for a full stream.
+        base: Option<String>,
+        resumed: bool,
+        stream_bytes: u64,
+        wire_bytes: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransferError {
+    #[error("connecting to {machine}: {source}")]
+    Connect {
+        machine: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "TLS with {machine}: {source}; check that both agents hold certificates from the same cluster CA"
+    )]
+    Tls {
+        machine: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Identity(#[from] tls::TlsError),
+    #[error("{machine} refused the transfer ({reason:?}): {message}")]
+    Refused {
+        machine: String,
+        reason: RefusalReason,
+        message: String,
+    },
+    #[error("cannot send {dataset}: {source}")]
+    Base {
+        dataset: String,
+        #[source]
+        source: BaseError,
+    },
+    #[error(transparent)]
+    Zfs(#[from] ZfsError),
+    #[error("{machine} could not receive ({reason:?}): {message}")]
+    Remote {
+        machine: String,
+        reason: ReceiveFailure,
+        message: String,
+    },
+    #[error("stream: {0}")]
+    Pump(#[from] PumpError),
+    #[error("protocol: {0}")]
+    Frame(#[from] FrameError),
+}
+
+impl TransferError {
+    /// A fresh attempt may succeed (the link, not the data, was the problem).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            TransferError::Connect { .. }
+            | TransferError::Pump(_)
+            | TransferError::Frame(FrameError::Io(_)) => true,
+            TransferError::Remote { reason, .. } => matches!(reason, ReceiveFailure::StreamBroken),
+            TransferError::Zfs(e) => e.is_transient(),
+            TransferError::Refused { reason, .. } => matches!(reason, RefusalReason::Internal),
+            _ => false,
+        }
+    }
+}
+
+/// Sends volumes from this machine.
+pub struct Sender<Z> {
+    zfs: Arc<Z>,
+    info: ZfsInfo,
+    connector: TlsConnector,
+}
+
+impl<Z> std::fmt::Debug for Sender<Z> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("info", &self.info)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<Z: Zfs + 'static> Sender<Z> {
+    pub fn new(zfs: Arc<Z>, info: ZfsInfo, tls: Arc<rustls::ClientConfig>) -> Self {
+        Self {
+            zfs,
+            info,
+            connector: TlsConnector::from(tls),
+        }
+    }
+
+    /// Sends `job` over `tcp` (already connected to the target's endpoint).
+    pub async fn send(
+        &self,
+        tcp: TcpStream,
+        job: &SendJob,
+        progress: &Progress,
+    ) -> Result<SendReport, TransferError> {
+        let _ = tcp.set_nodelay(true);
+        let machine = job.target_machine.clone();
+        let name = tls::server_name(&machine)?;
+        let mut conn = tokio::time::timeout(job.no_progress, self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| TransferError::Tls {
+                machine: machine.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| TransferError::Tls {
+                machine: machine.clone(),
+                source,
+            })?;
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            migration: job.migration.clone(),
+            claim: job.claim.clone(),
+        };
+        write_frame(&mut conn, &hello).await?;
+        let target = match read_frame::<_, HelloReply>(&mut conn).await? {
+            HelloReply::Accepted(state) => state,
+            HelloReply::Refused { reason, message } => {
+                return Err(TransferError::Refused {
+                    machine,
+                    reason,
+                    message,
+                });
+            }
+        };
+
+        let (args, base) = match self.choose(job, &target).await {
+            Ok(Some(x)) => x,
+            Ok(None) => {
+                write_frame(
+                    &mut conn,
+                    &Offer::Nothing {
+                        reason: format!("{} already has {}", target.dataset, job.to),
+                    },
+                )
+                .await?;
+                return Ok(SendReport::UpToDate);
+            }
+            Err(e) => {
+                let _ = write_frame(
+                    &mut conn,
+                    &Offer::Nothing {
+                        reason: e.to_string(),
+                    },
+                )
+                .await;
+                return Err(e);
+            }
+        };
+        let resumed = args.resume_token.is_some();
+        // Protect the base from being destroyed while the incremental needs it.
+        let held = match &args.base {
+            Some(base::Base::Snapshot(p)) => {
+                Some(job.dataset.snapshot(&p.name).map_err(ZfsError::from)?)
+            }
+            _ => None,
+        };
+        if let Some(s) = &held {
+            self.zfs.hold(s).await?;
+        }
+        let result = self
+            .stream(&mut conn, job, &args, base.clone(), resumed, progress)
+            .await;
+        if let Some(s) = &held {
+            // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
+            let _ = self.zfs.release(s).await;
+        }
+        let (stream_bytes, wire_bytes) = result?;
+        info!(migration = %job.migration, claim = %job.claim, ?base, resumed, stream_bytes, wire_bytes, "sent");
+        Ok(SendReport::Sent {
+            base,
+            resumed,
+            stream_bytes,
+            wire_bytes,
+        })
+    }
+
+    /// The send arguments for this target, or `None` when it is up to date.
+    async fn choose(
+        &self,
+        job: &SendJob,
+        target: &TargetState,
+    ) -> Result<Option<(SendArgs, Option<String>)>, TransferError> {
+        let to = job.dataset.snapshot(&job.to).map_err(ZfsError::from)?;
+        let mut args = SendArgs::new(to);
+        args.compressed = self.info.capabilities.compressed_send;
+        if let Some(token) = target
+            .resume_token
+            .clone()
+            .filter(|_| self.info.capabilities.resume_tokens)
+        {
+            args.resume_token = Some(token);
+            return Ok(Some((args, None)));
+        }
+        let inv = self.zfs.inventory(&job.dataset, &self.info).await?;
+        let ds = inv
+            .datasets
+            .get(&job.dataset)
+            .ok_or_else(|| ZfsError::NotFound(job.dataset.to_string()))?;
+        let side = TargetSide {
+            exists: target.exists,
+            snapshots: target.snapshots.clone(),
+            ployz_replica: target.ployz_replica,
+        };
+        let plan = base::plan_send(&ds.source_side(), &side, &job.to).map_err(|source| {
+            TransferError::Base {
+                dataset: job.dataset.to_string(),
+                source,
+            }
+        })?;
+        let base = match plan {
+            SendPlan::UpToDate { .. } => return Ok(None),
+            SendPlan::Full { .. } => None,
+            SendPlan::Incremental { base, .. } => Some(base),
+        };
+        let base_name = base.as_ref().map(|b| b.point().name.clone());
+        args.base = base;
+        Ok(Some((args, base_name)))
+    }
+
+    async fn stream<S>(
+        &self,
+        conn: &mut S,
+        job: &SendJob,
+        args: &SendArgs,
+        base: Option<String>,
+        resumed: bool,
+        progress: &Progress,
+    ) -> Result<(u64, u64), TransferError>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let estimate = match self.zfs.estimate(args, &self.info).await {
+            Ok(Some(e)) => Some(e),
+            _ => self
+                .zfs
+                .inventory(&job.dataset, &self.info)
+                .await
+                .ok()
+                .and_then(|inv| {
+                    inv.datasets
+                        .get(&job.dataset)
+                        .and_then(|ds| legacy_estimate(ds, args))
+                }),
+        };
+        progress
+            .estimated_bytes
+            .store(estimate.unwrap_or(0), Ordering::Relaxed);
+        write_frame(
+            conn,
+            &Offer::Stream {
+                to: job.to.clone(),
+                base,
+                resumed,
+                compression: job.compression,
+            },
+        )
+        .await?;
+        let mut child = self.zfs.send(args)?;
+        let stdout = child.stdout.take().ok_or_else(|| ZfsError::Failed {
+            command: "zfs send".into(),
+            stderr: "no stdout".into(),
+        })?;
+        let start_stream = progress.stream();
+        let counted = Counting::new(stdout, Arc::clone(&progress.stream_bytes));
+        let opts = PumpOptions {
+            no_progress: job.no_progress,
+            rate_limit: job.rate_limit,
+        };
+        let start_wire = progress.wire();
+        let pumped = match job.compression {
+            WireCompression::None => send_chunks(counted, conn, opts, &progress.wire_bytes).await,
+            WireCompression::Zstd => {
+                send_chunks(
+                    ZstdEncoder::new(BufReader::with_capacity(1 << 20, counted)),
+                    conn,
+                    opts,
+                    &progress.wire_bytes,
+                )
+                .await
+            }
+        };
+        let send_out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| ZfsError::Io {
+                command: "zfs send".into(),
+                source,
+            })?;
+        pumped?;
+        if !send_out.status.success() {
+            return Err(ZfsError::from_stderr(
+                "zfs send",
+                &String::from_utf8_lossy(&send_out.stderr),
+            )
+            .into());
+        }
+        match read_frame::<_, Outcome>(conn).await? {
+            Outcome::Received { .. } => Ok((
+                progress.stream() - start_stream,
+                progress.wire() - start_wire,
+            )),
+            Outcome::Failed { reason, message } => Err(TransferError::Remote {
+                machine: job.target_machine.clone(),
+                reason,
+                message,
+            }),
+        }
+    }
+}

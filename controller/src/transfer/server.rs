@@ -1,0 +1,339 @@
+//! The receiving side: accepts mutually authenticated connections, authorizes each against
+//! the API, reports the target dataset's state, and pipes the stream into `zfs receive`.
+
+use std::collections::HashSet;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_compression::tokio::write::ZstdDecoder;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+use super::authz::{Authorizer, Grant};
+use super::protocol::{
+    Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
+    TargetState, WireCompression, read_frame, write_frame,
+};
+use super::pump::{PumpError, PumpOptions, recv_chunks};
+use super::tls::{self, TlsError};
+use crate::api::ZfsInfo;
+use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError};
+
+/// Receiver settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Parent dataset of everything this machine receives.
+    pub parent: DatasetName,
+    /// Abort a receive whose stream makes no progress for this long.
+    pub no_progress: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error(transparent)]
+    Identity(#[from] TlsError),
+    #[error("protocol: {0}")]
+    Frame(#[from] super::protocol::FrameError),
+    #[error("refused {peer}: {message}")]
+    Refused { peer: String, message: String },
+    #[error(transparent)]
+    Zfs(#[from] ZfsError),
+    #[error("stream: {0}")]
+    Pump(#[from] PumpError),
+}
+
+/// The receiver. Cheap to share; one task per connection.
+pub struct Server<Z, A> {
+    zfs: Arc<Z>,
+    info: ZfsInfo,
+    authz: Arc<A>,
+    acceptor: TlsAcceptor,
+    config: ServerConfig,
+    /// Datasets with a receive in progress: a second sender for one is refused.
+    active: Mutex<HashSet<DatasetName>>,
+    /// Bytes received, all transfers (for metrics).
+    pub received_bytes: AtomicU64,
+}
+
+impl<Z, A> std::fmt::Debug for Server<Z, A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a dataset from the active set when its receive ends, however it ends.
+struct ActiveGuard<'a> {
+    set: &'a Mutex<HashSet<DatasetName>>,
+    dataset: DatasetName,
+}
+
+impl Drop for ActiveGuard<'_> {
+    fn drop(&mut self) {
+        self.set
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.dataset);
+    }
+}
+
+fn failure_of(e: &ZfsError) -> ReceiveFailure {
+    match e {
+        ZfsError::WrongBase(_) => ReceiveFailure::WrongBase,
+        ZfsError::TargetModified(_) => ReceiveFailure::TargetModified,
+        ZfsError::TargetExists(_) => ReceiveFailure::TargetExists,
+        ZfsError::OutOfSpace(_) => ReceiveFailure::OutOfSpace,
+        ZfsError::StreamBroken(_) => ReceiveFailure::StreamBroken,
+        _ => ReceiveFailure::Other,
+    }
+}
+
+impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
+    pub fn new(
+        zfs: Arc<Z>,
+        info: ZfsInfo,
+        authz: Arc<A>,
+        tls: Arc<rustls::ServerConfig>,
+        config: ServerConfig,
+    ) -> Self {
+        Self {
+            zfs,
+            info,
+            authz,
+            acceptor: TlsAcceptor::from(tls),
+            config,
+            active: Mutex::new(HashSet::new()),
+            received_bytes: AtomicU64::new(0),
+        }
+    }
+
+    /// Accepts connections until the listener fails.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        loop {
+            let (tcp, addr) = listener.accept().await?;
+            let this = Arc::clone(&self);
+            tokio::spawn(async move {
+                if let Err(e) = this.handle(tcp).await {
+                    warn!(peer = %addr, error = %e, "transfer connection failed");
+                }
+            });
+        }
+    }
+
+    /// Serves one connection.
+    pub async fn handle(&self, tcp: TcpStream) -> Result<(), ServerError> {
+        let _ = tcp.set_nodelay(true);
+        // A stranger without a certificate from the cluster CA fails here, before any byte
+        // of the protocol is read.
+        let mut conn = tokio::time::timeout(self.config.no_progress, self.acceptor.accept(tcp))
+            .await
+            .map_err(|_| ServerError::Handshake(std::io::ErrorKind::TimedOut.into()))?
+            .map_err(ServerError::Handshake)?;
+        let peer = {
+            let (_, session) = conn.get_ref();
+            let cert = session
+                .peer_certificates()
+                .and_then(|c| c.first())
+                .ok_or_else(|| TlsError::PeerIdentity("no client certificate".into()))?;
+            tls::peer_machine(cert)?
+        };
+        let hello: Hello = read_frame(&mut conn).await?;
+        let grant = if hello.version != PROTOCOL_VERSION {
+            Err((
+                RefusalReason::ProtocolVersion,
+                format!(
+                    "protocol version {} is not {PROTOCOL_VERSION}; upgrade the agents to the same version",
+                    hello.version
+                ),
+            ))
+        } else {
+            self.authz
+                .authorize(&peer, &hello)
+                .await
+                .map_err(|r| (r.reason, r.message))
+        };
+        let Grant { dataset } = match grant {
+            Ok(g) => g,
+            Err((reason, message)) => {
+                write_frame(
+                    &mut conn,
+                    &HelloReply::Refused {
+                        reason,
+                        message: message.clone(),
+                    },
+                )
+                .await?;
+                return Err(ServerError::Refused { peer, message });
+            }
+        };
+        let inserted = self
+            .active
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dataset.clone());
+        if !inserted {
+            let message =
+                format!("a receive into {dataset} is already in progress; retry when it ends");
+            write_frame(
+                &mut conn,
+                &HelloReply::Refused {
+                    reason: RefusalReason::Internal,
+                    message: message.clone(),
+                },
+            )
+            .await?;
+            return Err(ServerError::Refused { peer, message });
+        }
+        let _active = ActiveGuard {
+            set: &self.active,
+            dataset: dataset.clone(),
+        };
+        let state = self.target_state(&dataset).await?;
+        write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
+
+        let offer: Offer = read_frame(&mut conn).await?;
+        let (compression, resumed, to) = match offer {
+            Offer::Nothing { reason } => {
+                info!(%peer, %dataset, %reason, "nothing to receive");
+                return Ok(());
+            }
+            Offer::Stream {
+                compression,
+                resumed,
+                to,
+                ..
+            } => (compression, resumed, to),
+        };
+        let outcome = self
+            .receive(&mut conn, &dataset, &state, compression, resumed)
+            .await;
+        let reply = match &outcome {
+            Ok(bytes) => {
+                self.after_receive(&dataset, &state, &hello).await;
+                info!(%peer, %dataset, snapshot = %to, bytes, "received");
+                Outcome::Received { bytes: *bytes }
+            }
+            Err(ServerError::Zfs(e)) => Outcome::Failed {
+                reason: failure_of(e),
+                message: e.to_string(),
+            },
+            Err(e) => Outcome::Failed {
+                reason: ReceiveFailure::StreamBroken,
+                message: e.to_string(),
+            },
+        };
+        // The sender may be gone already (a cut link); the outcome is logged either way.
+        let _ = write_frame(&mut conn, &reply).await;
+        outcome.map(drop)
+    }
+
+    async fn target_state(&self, dataset: &DatasetName) -> Result<TargetState, ServerError> {
+        let resumable = self.info.capabilities.resume_tokens;
+        let found = match self.zfs.inventory(dataset, &self.info).await {
+            Ok(mut inv) => inv.datasets.remove(dataset),
+            Err(ZfsError::NotFound(_)) => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(match found {
+            Some(ds) => TargetState {
+                dataset: dataset.to_string(),
+                exists: true,
+                snapshots: ds.target_side().snapshots,
+                ployz_replica: ds.is_ployz_replica(),
+                resume_token: ds.resume_token,
+                resumable,
+            },
+            None => TargetState {
+                dataset: dataset.to_string(),
+                exists: false,
+                snapshots: vec![],
+                ployz_replica: false,
+                resume_token: None,
+                resumable,
+            },
+        })
+    }
+
+    async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut S,
+        dataset: &DatasetName,
+        state: &TargetState,
+        compression: WireCompression,
+        resumed: bool,
+    ) -> Result<u64, ServerError> {
+        if !state.exists {
+            self.zfs
+                .create(&self.config.parent, &[])
+                .await
+                .or_else(|e| match e {
+                    ZfsError::Failed { stderr, .. } if stderr.contains("already exists") => Ok(()),
+                    e => Err(e),
+                })?;
+        }
+        let args = ReceiveArgs {
+            target: dataset.clone(),
+            resumable: state.resumable,
+            // Decided here from what this machine sees, never from what the sender says:
+            // only a ployz-owned replica is rolled back; a resumed receive continues as is.
+            rollback: state.exists && state.ployz_replica && !resumed,
+        };
+        let mut child = self.zfs.receive(&args)?;
+        let stdin = child.stdin.take().ok_or_else(|| ZfsError::Failed {
+            command: "zfs receive".into(),
+            stderr: "no stdin".into(),
+        })?;
+        let opts = PumpOptions {
+            no_progress: self.config.no_progress,
+            rate_limit: None,
+        };
+        let pumped = match compression {
+            WireCompression::None => recv_chunks(conn, stdin, opts, &self.received_bytes).await,
+            WireCompression::Zstd => {
+                recv_chunks(conn, ZstdDecoder::new(stdin), opts, &self.received_bytes).await
+            }
+        };
+        // Whether or not the stream was complete, the receive must end before we answer:
+        // a truncated stream makes it fail and leaves the target at its base (or, with
+        // resume tokens, keeps the partial state for the next attempt).
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|source| ZfsError::Io {
+                command: "zfs receive".into(),
+                source,
+            })?;
+        if !out.status.success() {
+            let err = ZfsError::from_stderr("zfs receive", &String::from_utf8_lossy(&out.stderr));
+            return Err(match pumped {
+                Err(p) if matches!(err, ZfsError::Failed { .. }) => p.into(),
+                _ => err.into(),
+            });
+        }
+        Ok(pumped?)
+    }
+
+    /// Marks a newly received dataset as ployz's read-only replica.
+    async fn after_receive(&self, dataset: &DatasetName, state: &TargetState, hello: &Hello) {
+        if state.exists && !state.ployz_replica {
+            return;
+        }
+        let name = dataset.as_str();
+        for (prop, value) in [
+            (PROP_REPLICA, "true".to_string()),
+            (PROP_MIGRATION, hello.migration.to_string()),
+            ("readonly", "on".to_string()),
+            ("atime", "off".to_string()),
+        ] {
+            if let Err(e) = self.zfs.set(name, prop, &value).await {
+                warn!(%dataset, prop, error = %e, "cannot mark received dataset");
+            }
+        }
+    }
+}
