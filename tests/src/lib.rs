@@ -3,6 +3,7 @@
 //! (one network namespace per machine). Suites build one [`env::Env`] and run their tests
 //! against it through [`suite::run`].
 
+pub mod agents;
 pub mod controlplane;
 pub mod env;
 pub mod k8s;

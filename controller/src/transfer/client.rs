@@ -173,8 +173,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
             }
         };
 
-        let (args, base) = match self.choose(job, &target).await {
-            Ok(Some(x)) => x,
+        let args = match self.choose(job, &target).await {
+            Ok(Some(args)) => args,
             Ok(None) => {
                 write_frame(
                     &mut conn,
@@ -207,9 +207,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
         if let Some(s) = &held {
             self.zfs.hold(s).await?;
         }
-        let result = self
-            .stream(&mut conn, job, &args, base.clone(), resumed, progress)
-            .await;
+        let base = args.base.as_ref().map(|b| b.point().name.clone());
+        let result = self.stream(&mut conn, job, &args, progress).await;
         if let Some(s) = &held {
             // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
             let _ = self.zfs.release(s).await;
@@ -224,12 +223,48 @@ impl<Z: Zfs + 'static> Sender<Z> {
         })
     }
 
+    /// Sends `job`, reconnecting with `connect` and retrying while the failure is one a new
+    /// attempt can fix (a cut link, a stalled peer, a busy dataset). Each attempt resumes from
+    /// the receiver's token where supported, otherwise starts again from the common base.
+    pub async fn send_with_retry<C, F>(
+        &self,
+        connect: C,
+        job: &SendJob,
+        progress: &Progress,
+        attempts: usize,
+    ) -> Result<SendReport, TransferError>
+    where
+        C: Fn() -> F,
+        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+    {
+        use backon::{ExponentialBuilder, Retryable};
+        let attempt = || async {
+            let tcp = connect().await.map_err(|source| TransferError::Connect {
+                machine: job.target_machine.clone(),
+                source,
+            })?;
+            self.send(tcp, job, progress).await
+        };
+        attempt
+            .retry(
+                ExponentialBuilder::default()
+                    .with_min_delay(Duration::from_millis(500))
+                    .with_max_delay(Duration::from_secs(10))
+                    .with_max_times(attempts.saturating_sub(1)),
+            )
+            .when(TransferError::is_retryable)
+            .notify(
+                |e, after| tracing::warn!(error = %e, ?after, "transfer attempt failed; retrying"),
+            )
+            .await
+    }
+
     /// The send arguments for this target, or `None` when it is up to date.
     async fn choose(
         &self,
         job: &SendJob,
         target: &TargetState,
-    ) -> Result<Option<(SendArgs, Option<String>)>, TransferError> {
+    ) -> Result<Option<SendArgs>, TransferError> {
         let to = job.dataset.snapshot(&job.to).map_err(ZfsError::from)?;
         let mut args = SendArgs::new(to);
         args.compressed = self.info.capabilities.compressed_send;
@@ -239,7 +274,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
             .filter(|_| self.info.capabilities.resume_tokens)
         {
             args.resume_token = Some(token);
-            return Ok(Some((args, None)));
+            return Ok(Some(args));
         }
         let inv = self.zfs.inventory(&job.dataset, &self.info).await?;
         let ds = inv
@@ -262,9 +297,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
             SendPlan::Full { .. } => None,
             SendPlan::Incremental { base, .. } => Some(base),
         };
-        let base_name = base.as_ref().map(|b| b.point().name.clone());
         args.base = base;
-        Ok(Some((args, base_name)))
+        Ok(Some(args))
     }
 
     async fn stream<S>(
@@ -272,8 +306,6 @@ impl<Z: Zfs + 'static> Sender<Z> {
         conn: &mut S,
         job: &SendJob,
         args: &SendArgs,
-        base: Option<String>,
-        resumed: bool,
         progress: &Progress,
     ) -> Result<(u64, u64), TransferError>
     where
@@ -295,40 +327,54 @@ impl<Z: Zfs + 'static> Sender<Z> {
         progress
             .estimated_bytes
             .store(estimate.unwrap_or(0), Ordering::Relaxed);
-        write_frame(
-            conn,
-            &Offer::Stream {
-                to: job.to.clone(),
-                base,
-                resumed,
-                compression: job.compression,
-            },
-        )
-        .await?;
+        let offer = Offer::Stream {
+            to: job.to.clone(),
+            base: args.base.as_ref().map(|b| b.point().name.clone()),
+            base_guid: args.base.as_ref().map(|b| b.point().guid),
+            resumed: args.resume_token.is_some(),
+            compression: job.compression,
+        };
+        write_frame(conn, &offer).await?;
         let mut child = self.zfs.send(args)?;
         let stdout = child.stdout.take().ok_or_else(|| ZfsError::Failed {
             command: "zfs send".into(),
             stderr: "no stdout".into(),
         })?;
         let start_stream = progress.stream();
+        let start_wire = progress.wire();
         let counted = Counting::new(stdout, Arc::clone(&progress.stream_bytes));
         let opts = PumpOptions {
             no_progress: job.no_progress,
             rate_limit: job.rate_limit,
         };
-        let start_wire = progress.wire();
-        let pumped = match job.compression {
-            WireCompression::None => send_chunks(counted, conn, opts, &progress.wire_bytes).await,
-            WireCompression::Zstd => {
-                send_chunks(
-                    ZstdEncoder::new(BufReader::with_capacity(1 << 20, counted)),
-                    conn,
-                    opts,
-                    &progress.wire_bytes,
-                )
-                .await
+
+        // Full duplex: the receiver may fail early (out of space, a modified target) and say
+        // so while we are still sending; its answer must win over the broken pipe that follows.
+        let (mut rd, mut wr) = tokio::io::split(conn);
+        let outcome = read_frame::<_, Outcome>(&mut rd);
+        tokio::pin!(outcome);
+        let pump = async {
+            match job.compression {
+                WireCompression::None => {
+                    send_chunks(counted, &mut wr, opts, &progress.wire_bytes).await
+                }
+                WireCompression::Zstd => {
+                    let enc = ZstdEncoder::new(BufReader::with_capacity(1 << 20, counted));
+                    send_chunks(enc, &mut wr, opts, &progress.wire_bytes).await
+                }
             }
         };
+        let (pumped, answer) = tokio::select! {
+            pumped = pump => {
+                // After a failed pump, the receiver's reason (if it gave one) is worth a moment.
+                let wait = if pumped.is_ok() { job.no_progress } else { Duration::from_secs(2) };
+                (pumped, tokio::time::timeout(wait, &mut outcome).await.ok())
+            }
+            early = &mut outcome => (Err(PumpError::Net(std::io::ErrorKind::ConnectionAborted.into())), Some(early)),
+        };
+        if pumped.is_err() {
+            let _ = child.start_kill();
+        }
         let send_out = child
             .wait_with_output()
             .await
@@ -336,24 +382,32 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 command: "zfs send".into(),
                 source,
             })?;
-        pumped?;
-        if !send_out.status.success() {
-            return Err(ZfsError::from_stderr(
-                "zfs send",
-                &String::from_utf8_lossy(&send_out.stderr),
-            )
-            .into());
-        }
-        match read_frame::<_, Outcome>(conn).await? {
-            Outcome::Received { .. } => Ok((
-                progress.stream() - start_stream,
-                progress.wire() - start_wire,
-            )),
-            Outcome::Failed { reason, message } => Err(TransferError::Remote {
+        match answer {
+            Some(Ok(Outcome::Failed { reason, message })) => Err(TransferError::Remote {
                 machine: job.target_machine.clone(),
                 reason,
                 message,
             }),
+            Some(Ok(Outcome::Received { .. })) if pumped.is_ok() => {
+                if !send_out.status.success() {
+                    return Err(ZfsError::from_stderr(
+                        "zfs send",
+                        &String::from_utf8_lossy(&send_out.stderr),
+                    )
+                    .into());
+                }
+                Ok((
+                    progress.stream() - start_stream,
+                    progress.wire() - start_wire,
+                ))
+            }
+            Some(Ok(Outcome::Received { .. })) => Err(TransferError::Pump(PumpError::Net(
+                std::io::ErrorKind::InvalidData.into(),
+            ))),
+            Some(Err(e)) if pumped.is_ok() => Err(e.into()),
+            _ => Err(pumped
+                .err()
+                .map_or_else(|| PumpError::Stalled(job.no_progress).into(), Into::into)),
         }
     }
 }

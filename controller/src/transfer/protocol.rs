@@ -97,6 +97,8 @@ pub enum Offer {
         to: String,
         /// Incremental base (short name), or none for a full stream.
         base: Option<String>,
+        /// GUID of the base, by which the receiver finds its own copy of it.
+        base_guid: Option<u64>,
         /// The stream continues an interrupted receive from its token.
         resumed: bool,
         compression: WireCompression,

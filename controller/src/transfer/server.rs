@@ -198,7 +198,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
         let offer: Offer = read_frame(&mut conn).await?;
-        let (compression, resumed, to) = match offer {
+        let (compression, resumed, to, base_guid) = match offer {
             Offer::Nothing { reason } => {
                 info!(%peer, %dataset, %reason, "nothing to receive");
                 return Ok(());
@@ -207,12 +207,17 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 compression,
                 resumed,
                 to,
+                base_guid,
                 ..
-            } => (compression, resumed, to),
+            } => (compression, resumed, to, base_guid),
         };
-        let outcome = self
-            .receive(&mut conn, &dataset, &state, compression, resumed)
-            .await;
+        let outcome = match self.prepare(&dataset, &state, base_guid, resumed).await {
+            Ok(rollback) => {
+                self.receive(&mut conn, &dataset, &state, compression, rollback)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
         let reply = match &outcome {
             Ok(bytes) => {
                 self.after_receive(&dataset, &state, &hello).await;
@@ -260,14 +265,16 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         })
     }
 
-    async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+    /// Gets the target ready; returns whether the receive may roll it back. Decided here from
+    /// what this machine sees, never from what the sender says: only a ployz-owned replica is
+    /// rolled back, to its copy of the base (found by GUID), discarding what came after.
+    async fn prepare(
         &self,
-        conn: &mut S,
         dataset: &DatasetName,
         state: &TargetState,
-        compression: WireCompression,
+        base_guid: Option<u64>,
         resumed: bool,
-    ) -> Result<u64, ServerError> {
+    ) -> Result<bool, ServerError> {
         if !state.exists {
             self.zfs
                 .create(&self.config.parent, &[])
@@ -276,13 +283,35 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                     ZfsError::Failed { stderr, .. } if stderr.contains("already exists") => Ok(()),
                     e => Err(e),
                 })?;
+            return Ok(false);
         }
+        if !state.ployz_replica || resumed {
+            return Ok(false);
+        }
+        let base = base_guid.and_then(|g| state.snapshots.iter().find(|s| s.guid == g));
+        if let Some(base) = base {
+            let newest = state.snapshots.iter().map(|s| s.createtxg).max();
+            if newest != Some(base.createtxg) {
+                let snap = dataset.snapshot(&base.name).map_err(ZfsError::from)?;
+                info!(%dataset, base = %base.name, "rolling the replica back to the common snapshot");
+                self.zfs.rollback(&snap).await?;
+            }
+        }
+        Ok(true)
+    }
+
+    async fn receive<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        conn: &mut S,
+        dataset: &DatasetName,
+        state: &TargetState,
+        compression: WireCompression,
+        rollback: bool,
+    ) -> Result<u64, ServerError> {
         let args = ReceiveArgs {
             target: dataset.clone(),
             resumable: state.resumable,
-            // Decided here from what this machine sees, never from what the sender says:
-            // only a ployz-owned replica is rolled back; a resumed receive continues as is.
-            rollback: state.exists && state.ployz_replica && !resumed,
+            rollback,
         };
         let mut child = self.zfs.receive(&args)?;
         let stdin = child.stdin.take().ok_or_else(|| ZfsError::Failed {

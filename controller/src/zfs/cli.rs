@@ -228,6 +228,12 @@ impl Zfs for ZfsCli {
             .map(drop)
     }
 
+    async fn rollback(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
+        self.run_retrying_busy(&["rollback".into(), "-r".into(), snap.to_string()])
+            .await
+            .map(drop)
+    }
+
     async fn mount(&self, dataset: &DatasetName) -> Result<(), ZfsError> {
         match self.run(&["mount", dataset.as_str()]).await {
             Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => Ok(()),

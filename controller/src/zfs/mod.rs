@@ -247,6 +247,8 @@ pub trait Zfs: Send + Sync {
         prop: &str,
         value: &str,
     ) -> impl Future<Output = Result<(), ZfsError>> + Send;
+    /// Rolls a dataset back to `snap`, destroying later snapshots (`rollback -r`).
+    fn rollback(&self, snap: &SnapshotName) -> impl Future<Output = Result<(), ZfsError>> + Send;
     fn mount(&self, dataset: &DatasetName) -> impl Future<Output = Result<(), ZfsError>> + Send;
     fn unmount(&self, dataset: &DatasetName) -> impl Future<Output = Result<(), ZfsError>> + Send;
     /// Bytes `send` would produce (OpenZFS `send -nvP`); `None` where unsupported.

@@ -1,0 +1,175 @@
+//! Transfer agents inside the test machines: certificates from a test cluster CA, a receiver
+//! listening in a machine's network namespace and running `zfs` in its mount namespace, and a
+//! sender connecting from another machine's namespace.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Result;
+use kube::Client;
+use ployz::api::ZfsInfo;
+use ployz::transfer::authz::KubeAuthorizer;
+use ployz::transfer::client::Sender;
+use ployz::transfer::server::{Server, ServerConfig};
+use ployz::transfer::tls::Identity;
+use ployz::zfs::{DatasetName, Zfs, ZfsCli};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+
+use crate::env::Env;
+use crate::machine::ZfsMachine;
+use crate::network::join;
+
+/// A cluster CA that issues agent certificates (what the Helm chart does in production).
+pub struct AgentCa {
+    ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl std::fmt::Debug for AgentCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentCa")
+    }
+}
+
+impl AgentCa {
+    pub fn new(name: &str) -> Result<Self> {
+        let mut p = CertificateParams::new(vec![])?;
+        p.distinguished_name.push(DnType::CommonName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        Ok(Self {
+            ca: CertifiedIssuer::self_signed(p, KeyPair::generate()?)?,
+        })
+    }
+
+    /// An identity for `machine` (DNS SAN = machine name), trusting this CA.
+    pub fn identity(&self, machine: &str) -> Result<Identity> {
+        let mut p = CertificateParams::new(vec![machine.to_string()])?;
+        p.distinguished_name.push(DnType::CommonName, machine);
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.ca)?;
+        Ok(Identity::from_pem(
+            &self.ca.pem(),
+            &cert.pem(),
+            &key.serialize_pem(),
+        )?)
+    }
+
+    /// An identity for `machine` signed by `self`, but trusting `trust`'s CA: how a stranger
+    /// with its own CA looks to the cluster.
+    pub fn identity_trusting(&self, machine: &str, trust: &AgentCa) -> Result<Identity> {
+        let mut p = CertificateParams::new(vec![machine.to_string()])?;
+        p.distinguished_name.push(DnType::CommonName, machine);
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.ca)?;
+        Ok(Identity::from_pem(
+            &trust.ca.pem(),
+            &cert.pem(),
+            &key.serialize_pem(),
+        )?)
+    }
+}
+
+/// `zfs` of a test machine, run inside its namespaces.
+pub fn machine_zfs(m: &ZfsMachine) -> ZfsCli {
+    ZfsCli::new("/sbin/zfs").with_prefix(vec![
+        "nsenter".into(),
+        "--target".into(),
+        m.pid().to_string(),
+        "--mount".into(),
+        "--net".into(),
+        "--".into(),
+    ])
+}
+
+pub type TestServer = Server<ZfsCli, KubeAuthorizer>;
+
+/// A receiver on `machine`, listening on `port` of its address.
+pub struct Receiver {
+    pub server: Arc<TestServer>,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl std::fmt::Debug for Receiver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receiver")
+            .field("addr", &self.addr)
+            .finish()
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub fn start_receiver(
+    env: &Env,
+    client: Client,
+    machine: &ZfsMachine,
+    identity: &Identity,
+    parent: &str,
+    port: u16,
+    no_progress: Duration,
+) -> Result<Receiver> {
+    let zfs = machine_zfs(machine);
+    let info: ZfsInfo = env.block_on(zfs.info())?;
+    let parent: DatasetName = parent.parse()?;
+    let authz = KubeAuthorizer {
+        client,
+        machine: machine.name.clone(),
+        parent: parent.clone(),
+    };
+    let server = Arc::new(Server::new(
+        Arc::new(zfs),
+        info,
+        Arc::new(authz),
+        identity.server_config()?,
+        ServerConfig {
+            parent,
+            no_progress,
+        },
+    ));
+    let addr = SocketAddr::from((machine.ip(), port));
+    let std_listener = join(machine.net.run_in(move || {
+        let l = std::net::TcpListener::bind(addr)?;
+        l.set_nonblocking(true)?;
+        Ok(l)
+    }))?;
+    let task = env.block_on(async {
+        let listener = tokio::net::TcpListener::from_std(std_listener)?;
+        anyhow::Ok(tokio::spawn(Arc::clone(&server).serve(listener)))
+    })?;
+    Ok(Receiver { server, addr, task })
+}
+
+/// A sender on `machine`.
+pub fn sender(env: &Env, machine: &ZfsMachine, identity: &Identity) -> Result<Sender<ZfsCli>> {
+    let zfs = machine_zfs(machine);
+    let info = env.block_on(zfs.info())?;
+    Ok(Sender::new(Arc::new(zfs), info, identity.client_config()?))
+}
+
+/// A TCP connection to `addr` made from `machine`'s network namespace.
+pub async fn connect_from(
+    machine_net: crate::network::MachineNet,
+    addr: SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let handle = machine_net.run_in(move || {
+        let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+        s.set_nonblocking(true)?;
+        Ok(s)
+    });
+    let std_stream = tokio::task::spawn_blocking(move || join(handle))
+        .await
+        .map_err(std::io::Error::other)?
+        .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
+    tokio::net::TcpStream::from_std(std_stream)
+}

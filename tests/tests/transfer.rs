@@ -1,0 +1,673 @@
+//! Transfer engine suite: two zfs-fuse machines in separate namespaces, streams over mutual
+//! TLS across the veth link, authorization against Migrations in the real API server.
+
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use ployz::api::{Migration, MigrationSpec};
+use ployz::transfer::Progress;
+use ployz::transfer::client::{SendJob, SendReport, TransferError};
+use ployz::transfer::protocol::{MigrationKey, ReceiveFailure, RefusalReason, WireCompression};
+use ployz::transfer::tls::Identity;
+use ployz::zfs::base::BaseError;
+use ployz_e2e::agents::{AgentCa, Receiver, connect_from, sender, start_receiver};
+use ployz_e2e::env::{Env, Options};
+use ployz_e2e::k8s;
+use ployz_e2e::machine::ZfsMachine;
+use ployz_e2e::process::{command, run};
+use serde_json::json;
+
+const NS: &str = "xfer";
+const PORT: u16 = 7443;
+const NO_PROGRESS: Duration = Duration::from_secs(3);
+
+fn main() -> ExitCode {
+    ployz_e2e::suite::run(
+        Options::new("transfer"),
+        &[
+            ("full_send_arrives_with_matching_checksums", full_send),
+            ("incremental_send_carries_only_the_delta", incremental_send),
+            (
+                "intermediate_snapshots_arrive_with_their_guids",
+                intermediate_snapshots,
+            ),
+            (
+                "repeated_send_of_the_same_snapshot_is_a_no_op",
+                repeated_send,
+            ),
+            (
+                "compressed_wire_with_rate_limit_delivers_the_same_data",
+                zstd_and_rate_limit,
+            ),
+            (
+                "modified_target_is_refused_and_kept",
+                modified_target_refused,
+            ),
+            (
+                "diverged_target_is_refused_and_kept",
+                diverged_target_refused,
+            ),
+            ("diverged_ployz_replica_is_rolled_back", replica_rolled_back),
+            (
+                "target_without_common_snapshot_is_refused_and_kept",
+                no_common_snapshot,
+            ),
+            ("target_pool_too_small_fails_cleanly", pool_too_small),
+            (
+                "cut_link_mid_stream_then_retry_succeeds",
+                cut_link_then_retry,
+            ),
+            (
+                "stranger_without_cluster_certificate_is_refused",
+                stranger_refused,
+            ),
+            (
+                "valid_certificate_without_migration_is_refused",
+                no_migration_refused,
+            ),
+            (
+                "path_outside_parent_dataset_is_refused",
+                outside_parent_refused,
+            ),
+            (
+                "sender_impersonating_another_machine_is_refused",
+                wrong_peer_refused,
+            ),
+        ],
+    )
+}
+
+/// What the suite sets up once.
+struct Agents {
+    ca: AgentCa,
+    a: Identity,
+    b: Identity,
+    receiver: Receiver,
+}
+
+fn agents(env: &Env) -> Result<&'static Agents> {
+    use std::sync::OnceLock;
+    static AGENTS: OnceLock<Agents> = OnceLock::new();
+    if let Some(a) = AGENTS.get() {
+        return Ok(a);
+    }
+    env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
+    env.block_on(k8s::create_namespace(&env.client, NS))?;
+    let ca = AgentCa::new("ployz-agents")?;
+    let a = ca.identity("machine-a")?;
+    let b = ca.identity("machine-b")?;
+    let receiver = start_receiver(
+        env,
+        env.client.clone(),
+        env.machine("machine-b")?,
+        &b,
+        "tank/ployz",
+        PORT,
+        NO_PROGRESS,
+    )?;
+    Ok(AGENTS.get_or_init(|| Agents { ca, a, b, receiver }))
+}
+
+/// A Migration in phase Sending whose plan moves `claim` (PV `volume`) from machine-a to
+/// machine-b into `target_dataset`.
+fn migration(env: &Env, name: &str, claim: &str, volume: &str, target_dataset: &str) -> Result<()> {
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), NS);
+    let m = Migration::new(
+        name,
+        MigrationSpec {
+            service: "web".into(),
+            to: "machine-b".into(),
+            from: None,
+            transfer: None,
+            timeouts: None,
+            source_copy: None,
+        },
+    );
+    env.block_on(api.create(&PostParams::default(), &m))?;
+    env.block_on(api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Sending",
+            "plan": {
+                "source": "machine-a", "target": "machine-b",
+                "workload": {"kind": "Deployment", "name": "web"},
+                "volumes": [{"claim": claim, "volume": volume,
+                             "sourceDataset": format!("tank/ployz/{volume}"), "targetDataset": target_dataset}],
+            },
+        }})),
+    ))?;
+    Ok(())
+}
+
+fn job(migration: &str, claim: &str, volume: &str, to: &str) -> Result<SendJob> {
+    Ok(SendJob {
+        migration: MigrationKey {
+            namespace: NS.into(),
+            name: migration.into(),
+        },
+        claim: claim.into(),
+        target_machine: "machine-b".into(),
+        dataset: format!("tank/ployz/{volume}").parse()?,
+        to: to.into(),
+        compression: WireCompression::None,
+        rate_limit: None,
+        no_progress: NO_PROGRESS,
+    })
+}
+
+fn send_as(
+    env: &Env,
+    identity: &Identity,
+    addr: std::net::SocketAddr,
+    job: &SendJob,
+) -> Result<Result<SendReport, TransferError>> {
+    let a = env.machine("machine-a")?;
+    let s = sender(env, a, identity)?;
+    let net = a.net.clone();
+    env.block_on(async {
+        let tcp = connect_from(net, addr)
+            .await
+            .context("connecting from machine-a")?;
+        anyhow::Ok(s.send(tcp, job, &Progress::default()).await)
+    })
+}
+
+fn send(env: &Env, job: &SendJob) -> Result<Result<SendReport, TransferError>> {
+    let ag = agents(env)?;
+    send_as(env, &ag.a, ag.receiver.addr, job)
+}
+
+fn write_data(m: &ZfsMachine, dir: &str, script: &str) -> Result<()> {
+    m.sh(&format!("cd '{dir}' && {script}")).map(drop)
+}
+
+/// Checksums on the target after a fresh mount (zfs-fuse may serve stale pages of a dataset
+/// that stayed mounted across a receive).
+fn target_checksums(b: &ZfsMachine, dataset: &str) -> Result<String> {
+    let _ = b.zfs(&["unmount", dataset]);
+    b.zfs(&["mount", dataset])?;
+    let mp = b.zfs(&["get", "-H", "-o", "value", "mountpoint", dataset])?;
+    let sums = b.checksums(mp.trim());
+    b.zfs(&["unmount", dataset])?;
+    sums
+}
+
+fn guids(m: &ZfsMachine, dataset: &str) -> Result<Vec<(String, String)>> {
+    let out = m.zfs(&[
+        "list",
+        "-H",
+        "-r",
+        "-t",
+        "snapshot",
+        "-o",
+        "name",
+        "-s",
+        "createtxg",
+        dataset,
+    ])?;
+    out.lines()
+        .map(|snap| {
+            let guid = m.zfs(&["get", "-H", "-p", "-o", "value", "guid", snap])?;
+            Ok((
+                snap.split('@').nth(1).unwrap_or_default().to_string(),
+                guid.trim().to_string(),
+            ))
+        })
+        .collect()
+}
+
+fn sent(r: Result<SendReport, TransferError>) -> Result<(Option<String>, u64)> {
+    match r {
+        Ok(SendReport::Sent {
+            base, stream_bytes, ..
+        }) => Ok((base, stream_bytes)),
+        other => bail!("expected a send, got {other:?}"),
+    }
+}
+
+const DATA: &str = "data";
+
+fn full_send(env: &mut Env) -> Result<()> {
+    agents(env)?;
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-data")?;
+    write_data(
+        a,
+        &mp,
+        "head -c 33554432 /dev/urandom > big && mkdir -p d && echo one > d/small && ln -s d/small link",
+    )?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-data@s1"])?;
+    migration(env, "m-data", DATA, "xfer-data", "tank/ployz/xfer-data")?;
+
+    let (base, bytes) = sent(send(env, &job("m-data", DATA, "xfer-data", "s1")?)?)?;
+    ensure!(base.is_none(), "a first send is full, got base {base:?}");
+    ensure!(
+        bytes > 32 << 20,
+        "stream of {bytes} bytes for 32 MiB of data"
+    );
+    let a = env.machine("machine-a")?;
+    let b = env.machine("machine-b")?;
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-data")? == a.checksums(&mp)?,
+        "checksums differ"
+    );
+    ensure!(
+        guids(b, "tank/ployz/xfer-data")? == guids(a, "tank/ployz/xfer-data")?,
+        "snapshot GUIDs differ"
+    );
+    let props = b.zfs(&[
+        "get",
+        "-H",
+        "-o",
+        "value",
+        "ployz:replica,readonly,ployz:migration",
+        "tank/ployz/xfer-data",
+    ])?;
+    ensure!(
+        props == "true\non\nxfer/m-data\n",
+        "received dataset not marked as replica: {props:?}"
+    );
+    Ok(())
+}
+
+fn incremental_send(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let mp = "/tank/ployz/xfer-data";
+    write_data(
+        a,
+        mp,
+        "head -c 4194304 /dev/urandom > delta && echo two > d/small && rm link",
+    )?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-data@s2"])?;
+    let (base, bytes) = sent(send(env, &job("m-data", DATA, "xfer-data", "s2")?)?)?;
+    ensure!(base.as_deref() == Some("s1"), "base {base:?}");
+    ensure!(
+        (4 << 20..6 << 20).contains(&bytes),
+        "a 4 MiB delta took {bytes} stream bytes"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-data")? == a.checksums(mp)?,
+        "checksums differ"
+    );
+    Ok(())
+}
+
+fn intermediate_snapshots(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    for s in ["s3", "s4"] {
+        write_data(a, "/tank/ployz/xfer-data", &format!("echo {s} > {s}"))?;
+        a.zfs(&["snapshot", &format!("tank/ployz/xfer-data@{s}")])?;
+    }
+    let (base, _) = sent(send(env, &job("m-data", DATA, "xfer-data", "s4")?)?)?;
+    ensure!(base.as_deref() == Some("s2"), "base {base:?}");
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    let got = guids(b, "tank/ployz/xfer-data")?;
+    ensure!(
+        got == guids(a, "tank/ployz/xfer-data")?,
+        "target snapshots {got:?}"
+    );
+    ensure!(
+        got.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>() == ["s1", "s2", "s3", "s4"],
+        "{got:?}"
+    );
+    Ok(())
+}
+
+fn repeated_send(env: &mut Env) -> Result<()> {
+    let before = agents(env)?
+        .receiver
+        .server
+        .received_bytes
+        .load(Ordering::Relaxed);
+    let r = send(env, &job("m-data", DATA, "xfer-data", "s4")?)?;
+    ensure!(matches!(r, Ok(SendReport::UpToDate)), "{r:?}");
+    let after = agents(env)?
+        .receiver
+        .server
+        .received_bytes
+        .load(Ordering::Relaxed);
+    ensure!(
+        before == after,
+        "an up-to-date send moved {} bytes",
+        after - before
+    );
+    Ok(())
+}
+
+fn zstd_and_rate_limit(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    // Compressible data: zeros and text.
+    write_data(
+        a,
+        "/tank/ployz/xfer-data",
+        "head -c 8388608 /dev/zero > zeros && seq 1 200000 > numbers",
+    )?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-data@s5"])?;
+    let mut j = job("m-data", DATA, "xfer-data", "s5")?;
+    j.compression = WireCompression::Zstd;
+    j.rate_limit = Some(4 << 20);
+    let ag = agents(env)?;
+    let r = send_as(env, &ag.a, ag.receiver.addr, &j)?;
+    let (stream, wire) = match r {
+        Ok(SendReport::Sent {
+            stream_bytes,
+            wire_bytes,
+            ..
+        }) => (stream_bytes, wire_bytes),
+        other => bail!("{other:?}"),
+    };
+    ensure!(
+        wire * 4 < stream,
+        "zstd did not shrink the stream: {wire} wire bytes for {stream}"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-data")? == a.checksums("/tank/ployz/xfer-data")?,
+        "checksums differ"
+    );
+    Ok(())
+}
+
+/// Makes the target an ordinary dataset (not a ployz replica) for the refusal tests.
+fn unmark_replica(b: &ZfsMachine, ds: &str) -> Result<()> {
+    b.zfs(&["set", "ployz:replica=false", ds])?;
+    b.zfs(&["set", "readonly=off", ds]).map(drop)
+}
+
+fn modified_target_refused(env: &mut Env) -> Result<()> {
+    let ds = "tank/ployz/xfer-data";
+    let b = env.machine("machine-b")?;
+    unmark_replica(b, ds)?;
+    b.zfs(&["mount", ds])?;
+    b.sh("echo precious > /tank/ployz/xfer-data/precious")?;
+    let a = env.machine("machine-a")?;
+    write_data(a, "/tank/ployz/xfer-data", "echo s6 > s6")?;
+    a.zfs(&["snapshot", &format!("{ds}@s6")])?;
+    let r = send(env, &job("m-data", DATA, "xfer-data", "s6")?)?;
+    match &r {
+        Err(
+            e @ TransferError::Remote {
+                reason: ReceiveFailure::TargetModified,
+                ..
+            },
+        ) => {
+            ensure!(e.to_string().contains("will not overwrite"), "{e}");
+        }
+        other => bail!("expected TargetModified, got {other:?}"),
+    }
+    let b = env.machine("machine-b")?;
+    ensure!(
+        b.sh("cat /tank/ployz/xfer-data/precious")? == "precious\n",
+        "the target's file is gone"
+    );
+    // Put the target back at the common snapshot for the next tests.
+    b.sh("rm /tank/ployz/xfer-data/precious")?;
+    b.zfs(&["rollback", &format!("{ds}@s5")])?;
+    b.zfs(&["unmount", ds]).map(drop)
+}
+
+fn diverged_target_refused(env: &mut Env) -> Result<()> {
+    let ds = "tank/ployz/xfer-data";
+    env.machine("machine-b")?
+        .zfs(&["snapshot", &format!("{ds}@local")])?;
+    let r = send(env, &job("m-data", DATA, "xfer-data", "s6")?)?;
+    match &r {
+        Err(TransferError::Base {
+            source: BaseError::Diverged { base, newer },
+            ..
+        }) => {
+            ensure!(base == "s5" && newer == &["local".to_string()], "{r:?}");
+        }
+        other => bail!("expected Diverged, got {other:?}"),
+    }
+    let snaps = guids(env.machine("machine-b")?, ds)?;
+    ensure!(
+        snaps.iter().any(|(n, _)| n == "local"),
+        "the target's snapshot was destroyed: {snaps:?}"
+    );
+    Ok(())
+}
+
+fn replica_rolled_back(env: &mut Env) -> Result<()> {
+    let ds = "tank/ployz/xfer-data";
+    env.machine("machine-b")?
+        .zfs(&["set", "ployz:replica=true", ds])?;
+    let (base, _) = sent(send(env, &job("m-data", DATA, "xfer-data", "s6")?)?)?;
+    ensure!(base.as_deref() == Some("s5"), "base {base:?}");
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    let (want, got) = (guids(a, ds)?, guids(b, ds)?);
+    ensure!(
+        got == want,
+        "replica not brought to the source's snapshots:\n source {want:?}\n target {got:?}"
+    );
+    Ok(())
+}
+
+fn no_common_snapshot(env: &mut Env) -> Result<()> {
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    a.create_dataset("tank/ployz/xfer-other")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-other@s1"])?;
+    let mp = b.create_dataset("tank/ployz/xfer-other")?;
+    b.sh(&format!("echo theirs > {mp}/theirs"))?;
+    b.zfs(&["snapshot", "tank/ployz/xfer-other@theirs"])?;
+    migration(
+        env,
+        "m-other",
+        "other",
+        "xfer-other",
+        "tank/ployz/xfer-other",
+    )?;
+    let r = send(env, &job("m-other", "other", "xfer-other", "s1")?)?;
+    ensure!(
+        matches!(
+            &r,
+            Err(TransferError::Base {
+                source: BaseError::NoCommonSnapshot,
+                ..
+            })
+        ),
+        "expected NoCommonSnapshot, got {r:?}"
+    );
+    let b = env.machine("machine-b")?;
+    ensure!(
+        b.sh(&format!("cat {mp}/theirs"))? == "theirs\n",
+        "the target's data is gone"
+    );
+    Ok(())
+}
+
+fn pool_too_small(env: &mut Env) -> Result<()> {
+    let b = env.machine("machine-b")?;
+    let file = b.pool_file.with_file_name("small.img");
+    std::fs::File::create(&file)?.set_len(64 << 20)?;
+    b.zpool(&["create", "-m", "none", "small", &file.to_string_lossy()])?;
+    let ag = agents(env)?;
+    let small = start_receiver(
+        env,
+        env.client.clone(),
+        env.machine("machine-b")?,
+        &ag.b,
+        "small/ployz",
+        PORT + 1,
+        NO_PROGRESS,
+    )?;
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-big")?;
+    write_data(a, &mp, "head -c 134217728 /dev/urandom > big")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-big@s1"])?;
+    migration(env, "m-big", "big", "xfer-big", "small/ployz/xfer-big")?;
+    let r = send_as(
+        env,
+        &ag.a,
+        small.addr,
+        &job("m-big", "big", "xfer-big", "s1")?,
+    )?;
+    let outcome = match &r {
+        Err(
+            e @ TransferError::Remote {
+                reason: ReceiveFailure::OutOfSpace,
+                ..
+            },
+        ) => {
+            ensure!(e.to_string().contains("free space on the target"), "{e}");
+            Ok(())
+        }
+        other => Err(anyhow::anyhow!("expected OutOfSpace, got {other:?}")),
+    };
+    let b = env.machine("machine-b")?;
+    let left = b.zfs(&["list", "-H", "-r", "-o", "name", "small"])?;
+    drop(small);
+    let _ = b.zpool(&["destroy", "-f", "small"]);
+    let _ = std::fs::remove_file(&file);
+    outcome?;
+    ensure!(
+        !left.contains("xfer-big"),
+        "a partial dataset was left: {left}"
+    );
+    Ok(())
+}
+
+fn cut_link_then_retry(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-cut")?;
+    write_data(a, &mp, "head -c 100663296 /dev/urandom > big")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-cut@s1"])?;
+    migration(env, "m-cut", "cut", "xfer-cut", "tank/ployz/xfer-cut")?;
+    let mut j = job("m-cut", "cut", "xfer-cut", "s1")?;
+    j.rate_limit = Some(16 << 20);
+
+    let ag = agents(env)?;
+    let s = sender(env, a, &ag.a)?;
+    let net = a.net.clone();
+    let addr = ag.receiver.addr;
+    let progress = std::sync::Arc::new(Progress::default());
+    let p = std::sync::Arc::clone(&progress);
+    let j2 = j.clone();
+    let first = env.rt.spawn(async move {
+        let tcp = connect_from(net, addr).await?;
+        anyhow::Ok(s.send(tcp, &j2, &p).await)
+    });
+    // Cut the link once a quarter of the stream is through.
+    ployz_e2e::wait::wait_for("24 MiB on the wire", Duration::from_secs(30), || {
+        Ok(progress.wire() > 24 << 20)
+    })?;
+    run(&mut command("ip", ["link", "set", "pzv-machine-b", "down"]))?;
+    let result = env.block_on(first).context("first attempt panicked")?;
+    run(&mut command("ip", ["link", "set", "pzv-machine-b", "up"]))?;
+    match result? {
+        Err(e) if e.is_retryable() => {}
+        other => bail!("a cut link should fail retryably, got {other:?}"),
+    }
+    let b = env.machine("machine-b")?;
+    let left = b.zfs(&["list", "-H", "-r", "-o", "name", "tank/ployz"])?;
+    ensure!(
+        !left.contains("xfer-cut"),
+        "a half-received dataset blocks the retry: {left}"
+    );
+
+    let s = sender(env, env.machine("machine-a")?, &ag.a)?;
+    let net = env.machine("machine-a")?.net.clone();
+    let report = env.block_on(s.send_with_retry(
+        || connect_from(net.clone(), addr),
+        &j,
+        &Progress::default(),
+        5,
+    ))?;
+    ensure!(
+        matches!(report, SendReport::Sent { base: None, .. }),
+        "{report:?}"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-cut")? == a.checksums(&mp)?,
+        "checksums differ after the retry"
+    );
+    Ok(())
+}
+
+fn stranger_refused(env: &mut Env) -> Result<()> {
+    let ag = agents(env)?;
+    let stranger_ca = AgentCa::new("stranger")?;
+    // Its own CA, but it trusts ours (so only the server's check can stop it).
+    let stranger = stranger_ca.identity_trusting("machine-a", &ag.ca)?;
+    let before = ag.receiver.server.received_bytes.load(Ordering::Relaxed);
+    let r = send_as(
+        env,
+        &stranger,
+        ag.receiver.addr,
+        &job("m-data", DATA, "xfer-data", "s6")?,
+    )?;
+    ensure!(
+        matches!(&r, Err(TransferError::Tls { .. } | TransferError::Frame(_))),
+        "a stranger got in: {r:?}"
+    );
+    ensure!(
+        ag.receiver.server.received_bytes.load(Ordering::Relaxed) == before,
+        "bytes were received from a stranger"
+    );
+    Ok(())
+}
+
+fn refused(r: &Result<SendReport, TransferError>) -> Option<RefusalReason> {
+    match r {
+        Err(TransferError::Refused { reason, .. }) => Some(*reason),
+        _ => None,
+    }
+}
+
+fn no_migration_refused(env: &mut Env) -> Result<()> {
+    let r = send(env, &job("no-such-migration", DATA, "xfer-data", "s6")?)?;
+    ensure!(
+        refused(&r) == Some(RefusalReason::UnknownMigration),
+        "{r:?}"
+    );
+    ensure!(
+        r.err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+            .contains("no Migration xfer/no-such-migration exists")
+    );
+    Ok(())
+}
+
+fn outside_parent_refused(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    a.create_dataset("tank/ployz/xfer-evil")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-evil@s1"])?;
+    for (name, target) in [
+        ("m-evil-1", "tank/elsewhere/xfer-evil"),
+        ("m-evil-2", "tank/ployz/xfer-evil/../../x"),
+    ] {
+        migration(env, name, "evil", "xfer-evil", target)?;
+        let r = send(env, &job(name, "evil", "xfer-evil", "s1")?)?;
+        ensure!(
+            refused(&r) == Some(RefusalReason::OutsideParent),
+            "{target}: {r:?}"
+        );
+    }
+    let b = env.machine("machine-b")?;
+    let all = b.zfs(&["list", "-H", "-r", "-o", "name", "tank"])?;
+    ensure!(
+        !all.contains("elsewhere") && !all.contains("xfer-evil"),
+        "something was written: {all}"
+    );
+    Ok(())
+}
+
+fn wrong_peer_refused(env: &mut Env) -> Result<()> {
+    let ag = agents(env)?;
+    // machine-b's own (valid) certificate, used from machine-a: the plan's source is machine-a.
+    let r = send_as(
+        env,
+        &ag.b,
+        ag.receiver.addr,
+        &job("m-data", DATA, "xfer-data", "s6")?,
+    )?;
+    ensure!(refused(&r) == Some(RefusalReason::WrongPeer), "{r:?}");
+    Ok(())
+}
