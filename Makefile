@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
-.PHONY: test deps bins lint unit e2e smoke crds examples fmt clean-env
+.PHONY: test deps bins lint unit e2e smoke bench env crds examples fmt
 
 test: deps lint unit e2e
 
@@ -30,6 +30,16 @@ e2e: deps bins
 
 smoke: deps bins
 	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test smoke
+
+# The local environment for a person: up until Ctrl-C.
+env: deps bins
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) run -q -p ployz-e2e --bin ployz-env
+
+# Throughput of the transfer engine against `zfs send | zfs receive` and ssh, measured in the
+# same run; writes docs/BENCHMARKS.md.
+bench: deps bins
+	@tests/env/install-deps.sh bench
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) bench -p ployz-e2e --locked --bench transfer
 
 # Regenerate the CRD YAML from the Rust types (a test fails when the committed copy drifts).
 crds:

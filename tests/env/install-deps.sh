@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine of this kind lacks for the tests and the demo: zfs-fuse (the
-# test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter).
+# test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter), and for
+# the benchmark openssh.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 need=()
 command -v /sbin/zfs-fuse >/dev/null 2>&1 || need+=(zfs-fuse)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+# `install-deps.sh bench`: the ssh baseline of the benchmark.
+if [ "${1:-}" = bench ]; then
+  [ -x /usr/sbin/sshd ] || need+=(openssh-server)
+  command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-deps] apt-get install ${need[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive

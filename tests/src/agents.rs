@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use ployz::api::ZfsInfo;
+use ployz::api::{Migration, MigrationSpec};
 use ployz::transfer::authz::KubeAuthorizer;
 use ployz::transfer::client::Sender;
 use ployz::transfer::server::{Server, ServerConfig};
@@ -17,6 +19,7 @@ use ployz::zfs::{DatasetName, Zfs, ZfsCli};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
+use serde_json::json;
 
 use crate::env::Env;
 use crate::machine::ZfsMachine;
@@ -49,19 +52,11 @@ impl AgentCa {
 
     /// An identity for `machine` (DNS SAN = machine name), trusting this CA.
     pub fn identity(&self, machine: &str) -> Result<Identity> {
-        let mut p = CertificateParams::new(vec![machine.to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, machine);
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &self.ca)?;
-        Ok(Identity::from_pem(
-            &self.ca.pem(),
-            &cert.pem(),
-            &key.serialize_pem(),
-        )?)
+        self.identity_trusting(machine, self)
     }
 
-    /// An identity for `machine` signed by `self`, but trusting `trust`'s CA: how a stranger
-    /// with its own CA looks to the cluster.
+    /// An identity for `machine` signed by this CA, trusting `trust`'s CA (a stranger with its
+    /// own CA that trusts the cluster's looks like this).
     pub fn identity_trusting(&self, machine: &str, trust: &AgentCa) -> Result<Identity> {
         let mut p = CertificateParams::new(vec![machine.to_string()])?;
         p.distinguished_name.push(DnType::CommonName, machine);
@@ -172,4 +167,43 @@ pub async fn connect_from(
         .map_err(std::io::Error::other)?
         .map_err(|e| std::io::Error::other(format!("{e:#}")))?;
     tokio::net::TcpStream::from_std(std_stream)
+}
+
+/// A Migration in phase Sending whose plan moves `claim` (PV `volume`) from `source` to
+/// `target` into `target_dataset`: what the receiver's authorization checks against.
+pub async fn sending_migration(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    (source, target): (&str, &str),
+    (claim, volume, target_dataset): (&str, &str, &str),
+) -> Result<()> {
+    let api: Api<Migration> = Api::namespaced(client.clone(), namespace);
+    let m = Migration::new(
+        name,
+        MigrationSpec {
+            service: "web".into(),
+            to: target.into(),
+            from: None,
+            transfer: None,
+            timeouts: None,
+            source_copy: None,
+        },
+    );
+    api.create(&PostParams::default(), &m).await?;
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {
+            "phase": "Sending",
+            "plan": {
+                "source": source, "target": target,
+                "workload": {"kind": "Deployment", "name": "web"},
+                "volumes": [{"claim": claim, "volume": volume,
+                             "sourceDataset": format!("tank/ployz/{volume}"), "targetDataset": target_dataset}],
+            },
+        }})),
+    )
+    .await?;
+    Ok(())
 }

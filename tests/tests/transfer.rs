@@ -6,19 +6,18 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use kube::api::{Api, Patch, PatchParams, PostParams};
-use ployz::api::{Migration, MigrationSpec};
 use ployz::transfer::Progress;
 use ployz::transfer::client::{SendJob, SendReport, TransferError};
 use ployz::transfer::protocol::{MigrationKey, ReceiveFailure, RefusalReason, WireCompression};
 use ployz::transfer::tls::Identity;
 use ployz::zfs::base::BaseError;
-use ployz_e2e::agents::{AgentCa, Receiver, connect_from, sender, start_receiver};
+use ployz_e2e::agents::{
+    AgentCa, Receiver, connect_from, sender, sending_migration, start_receiver,
+};
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s;
 use ployz_e2e::machine::ZfsMachine;
 use ployz_e2e::process::{command, run};
-use serde_json::json;
 
 const NS: &str = "xfer";
 const PORT: u16 = 7443;
@@ -111,36 +110,14 @@ fn agents(env: &Env) -> Result<&'static Agents> {
     Ok(AGENTS.get_or_init(|| Agents { ca, a, b, receiver }))
 }
 
-/// A Migration in phase Sending whose plan moves `claim` (PV `volume`) from machine-a to
-/// machine-b into `target_dataset`.
 fn migration(env: &Env, name: &str, claim: &str, volume: &str, target_dataset: &str) -> Result<()> {
-    let api: Api<Migration> = Api::namespaced(env.client.clone(), NS);
-    let m = Migration::new(
+    env.block_on(sending_migration(
+        &env.client,
+        NS,
         name,
-        MigrationSpec {
-            service: "web".into(),
-            to: "machine-b".into(),
-            from: None,
-            transfer: None,
-            timeouts: None,
-            source_copy: None,
-        },
-    );
-    env.block_on(api.create(&PostParams::default(), &m))?;
-    env.block_on(api.patch_status(
-        name,
-        &PatchParams::default(),
-        &Patch::Merge(json!({"status": {
-            "phase": "Sending",
-            "plan": {
-                "source": "machine-a", "target": "machine-b",
-                "workload": {"kind": "Deployment", "name": "web"},
-                "volumes": [{"claim": claim, "volume": volume,
-                             "sourceDataset": format!("tank/ployz/{volume}"), "targetDataset": target_dataset}],
-            },
-        }})),
-    ))?;
-    Ok(())
+        ("machine-a", "machine-b"),
+        (claim, volume, target_dataset),
+    ))
 }
 
 fn job(migration: &str, claim: &str, volume: &str, to: &str) -> Result<SendJob> {

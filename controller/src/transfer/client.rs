@@ -23,6 +23,9 @@ use crate::api::ZfsInfo;
 use crate::zfs::base::{self, BaseError, SendPlan, TargetSide};
 use crate::zfs::{DatasetName, SendArgs, Zfs, ZfsError, legacy_estimate};
 
+/// Outgoing TLS buffer: a few chunks.
+const TLS_BUFFER: usize = 4 << 20;
+
 /// One volume to send.
 #[derive(Debug, Clone)]
 pub struct SendJob {
@@ -156,6 +159,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 machine: machine.clone(),
                 source,
             })?;
+        // Whole chunks go to the socket in one piece rather than 64 KiB at a time.
+        conn.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
         let hello = Hello {
             version: PROTOCOL_VERSION,
             migration: job.migration.clone(),
@@ -375,13 +380,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
         if pumped.is_err() {
             let _ = child.start_kill();
         }
-        let send_out = child
-            .wait_with_output()
-            .await
-            .map_err(|source| ZfsError::Io {
-                command: "zfs send".into(),
-                source,
-            })?;
+        let sent = crate::zfs::finish(child, "zfs send").await;
         match answer {
             Some(Ok(Outcome::Failed { reason, message })) => Err(TransferError::Remote {
                 machine: job.target_machine.clone(),
@@ -389,13 +388,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 message,
             }),
             Some(Ok(Outcome::Received { .. })) if pumped.is_ok() => {
-                if !send_out.status.success() {
-                    return Err(ZfsError::from_stderr(
-                        "zfs send",
-                        &String::from_utf8_lossy(&send_out.stderr),
-                    )
-                    .into());
-                }
+                sent?;
                 Ok((
                     progress.stream() - start_stream,
                     progress.wire() - start_wire,

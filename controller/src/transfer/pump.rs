@@ -65,34 +65,48 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
     }
 }
 
-/// Reads `src` to its end in chunks, into a queue drained by the caller.
+/// Reads `src` to its end in chunks, into a queue drained by the caller. Buffers come back
+/// through `recycle` once written, so a long stream allocates only a queue's worth of them.
 fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
     mut src: R,
-) -> mpsc::Receiver<std::io::Result<Vec<u8>>> {
+) -> (
+    mpsc::Receiver<std::io::Result<Vec<u8>>>,
+    mpsc::Sender<Vec<u8>>,
+) {
     let (tx, rx) = mpsc::channel(QUEUE);
+    let (recycle, mut returned) = mpsc::channel::<Vec<u8>>(QUEUE + 2);
     tokio::spawn(async move {
         loop {
-            let mut chunk = Vec::with_capacity(MAX_CHUNK);
-            // Whole chunks (up to the end of the stream) mean fewer, larger writes.
-            match (&mut src)
-                .take(MAX_CHUNK as u64)
-                .read_to_end(&mut chunk)
-                .await
-            {
-                Ok(0) => return,
-                Ok(_) => {
-                    if tx.send(Ok(chunk)).await.is_err() {
-                        return;
+            let mut chunk = returned.try_recv().unwrap_or_else(|_| vec![0; MAX_CHUNK]);
+            chunk.resize(MAX_CHUNK, 0);
+            // Fill whole chunks (up to the end of the stream): fewer, larger writes.
+            let mut filled = 0;
+            let res = loop {
+                match src.read(&mut chunk[filled..]).await {
+                    Ok(0) => break Ok(()),
+                    Ok(n) => {
+                        filled += n;
+                        if filled == MAX_CHUNK {
+                            break Ok(());
+                        }
                     }
+                    Err(e) => break Err(e),
                 }
-                Err(e) => {
-                    let _ = tx.send(Err(e)).await;
-                    return;
-                }
+            };
+            chunk.truncate(filled);
+            let last = filled < MAX_CHUNK;
+            let msg = match res {
+                Ok(()) if filled == 0 => return,
+                Ok(()) => Ok(chunk),
+                Err(e) => Err(e),
+            };
+            let failed = msg.is_err();
+            if tx.send(msg).await.is_err() || failed || last {
+                return;
             }
         }
     });
-    rx
+    (rx, recycle)
 }
 
 struct Pacer {
@@ -133,7 +147,7 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let mut rx = spawn_reader(src);
+    let (mut rx, recycle) = spawn_reader(src);
     let pacer = Pacer {
         start: Instant::now(),
         rate: opts.rate_limit,
@@ -146,6 +160,7 @@ where
         net(opts.no_progress, net_w.write_all(&chunk)).await?;
         total += chunk.len() as u64 + 4;
         wire.fetch_add(chunk.len() as u64 + 4, Ordering::Relaxed);
+        let _ = recycle.try_send(chunk);
         pacer.after(total).await;
     }
     net(opts.no_progress, net_w.write_all(&0u32.to_be_bytes())).await?;
@@ -166,10 +181,12 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(QUEUE);
+    let (recycle, mut returned) = mpsc::channel::<Vec<u8>>(QUEUE + 2);
     let writer = tokio::spawn(async move {
         let mut dst = dst;
         while let Some(chunk) = rx.recv().await {
             dst.write_all(&chunk).await?;
+            let _ = recycle.try_send(chunk);
         }
         dst.shutdown().await
     });
@@ -184,7 +201,8 @@ where
             if len > MAX_CHUNK {
                 return Err(PumpError::Protocol(len));
             }
-            let mut chunk = vec![0; len];
+            let mut chunk = returned.try_recv().unwrap_or_default();
+            chunk.resize(len, 0);
             net(opts.no_progress, net_r.read_exact(&mut chunk)).await?;
             total += len as u64;
             wire.fetch_add(len as u64 + 4, Ordering::Relaxed);

@@ -135,6 +135,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             .await
             .map_err(|_| ServerError::Handshake(std::io::ErrorKind::TimedOut.into()))?
             .map_err(ServerError::Handshake)?;
+        conn.get_mut().1.set_buffer_limit(Some(4 << 20));
         let peer = {
             let (_, session) = conn.get_ref();
             let cert = session
@@ -331,15 +332,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         // Whether or not the stream was complete, the receive must end before we answer:
         // a truncated stream makes it fail and leaves the target at its base (or, with
         // resume tokens, keeps the partial state for the next attempt).
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|source| ZfsError::Io {
-                command: "zfs receive".into(),
-                source,
-            })?;
-        if !out.status.success() {
-            let err = ZfsError::from_stderr("zfs receive", &String::from_utf8_lossy(&out.stderr));
+        if let Err(err) = crate::zfs::finish(child, "zfs receive").await {
+            // An unclassified receive failure after a broken stream is the stream's fault.
             return Err(match pumped {
                 Err(p) if matches!(err, ZfsError::Failed { .. }) => p.into(),
                 _ => err.into(),

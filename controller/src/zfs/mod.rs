@@ -268,6 +268,26 @@ pub trait Zfs: Send + Sync {
     ) -> impl Future<Output = Result<(), ZfsError>> + Send;
 }
 
+/// Waits for a `zfs send` or `zfs receive` started by [`Zfs::send`] or [`Zfs::receive`] and
+/// classifies its failure.
+pub async fn finish(child: tokio::process::Child, command: &str) -> Result<(), ZfsError> {
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|source| ZfsError::Io {
+            command: command.to_string(),
+            source,
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(ZfsError::from_stderr(
+            command,
+            &String::from_utf8_lossy(&out.stderr),
+        ))
+    }
+}
+
 /// Size estimate where `send -nvP` is missing: the referenced bytes of `to` for a full send, and
 /// for an incremental the growth since the base plus what later snapshots hold uniquely. A
 /// lower bound for rewrites in place; progress never shows more than 99% before the end.
