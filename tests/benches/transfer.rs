@@ -312,6 +312,17 @@ fn start_sshd(b: &ZfsMachine, dir: &std::path::Path) -> Result<Proc> {
     Ok(p)
 }
 
+const READING: &str = "\n\
+## Reading these numbers\n\
+\n\
+Here both machines share one 2-core host. The local pipe keeps both cores busy with the two\n\
+zfs-fuse daemons alone. Every encrypted network path (ssh, or the engine) pays for its\n\
+crypto, its TCP stack and its copies out of the same two cores, so its ratio to the local pipe\n\
+measures CPU contention as much as the path itself. Between real machines, the sender's cost\n\
+and the receiver's cost land on different hosts. The engine's own CPU cost per GiB is\n\
+reported above, so its overhead can be judged without that effect.\n\
+";
+
 fn render(samples: &[Sample]) -> Result<String> {
     let mut out = String::new();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -402,5 +413,6 @@ fn render(samples: &[Sample]) -> Result<String> {
         ));
     }
     writeln!(out, "\n## Targets\n\n{}", verdicts.join("\n"))?;
+    out.push_str(READING);
     Ok(out)
 }

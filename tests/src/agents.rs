@@ -88,7 +88,18 @@ pub type TestServer = Server<ZfsCli, KubeAuthorizer>;
 pub struct Receiver {
     pub server: Arc<TestServer>,
     pub addr: SocketAddr,
-    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Receiver {
+    /// Stops the server and every connection it serves, as a killed agent would, and waits
+    /// until they are gone (the port is free again).
+    pub fn stop(mut self, env: &Env) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = env.block_on(task);
+        }
+    }
 }
 
 impl std::fmt::Debug for Receiver {
@@ -101,7 +112,9 @@ impl std::fmt::Debug for Receiver {
 
 impl Drop for Receiver {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -142,7 +155,11 @@ pub fn start_receiver(
         let listener = tokio::net::TcpListener::from_std(std_listener)?;
         anyhow::Ok(tokio::spawn(Arc::clone(&server).serve(listener)))
     })?;
-    Ok(Receiver { server, addr, task })
+    Ok(Receiver {
+        server,
+        addr,
+        task: Some(task),
+    })
 }
 
 /// A sender on `machine`.

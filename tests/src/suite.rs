@@ -13,11 +13,13 @@ use crate::env::{Env, Options};
 pub type Test = fn(&mut Env) -> Result<()>;
 
 pub fn run(opts: Options, tests: &[(&'static str, Test)]) -> ExitCode {
-    // Logs of the library code under test, on stderr: PLOYZ_LOG=info (default warn).
+    // Logs of the library code under test, on stderr: PLOYZ_LOG=ployz=info (default: errors
+    // only, since the suites provoke refusals on purpose).
     let filter = tracing_subscriber::EnvFilter::try_from_env("PLOYZ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
     let mut args = Arguments::from_args();

@@ -60,6 +60,14 @@ fn main() -> ExitCode {
                 cut_link_then_retry,
             ),
             (
+                "receiver_killed_mid_stream_then_restarted_retry_succeeds",
+                receiver_killed_then_retry,
+            ),
+            (
+                "leftover_of_an_interrupted_receive_is_waited_for",
+                interrupted_leftover_waited_for,
+            ),
+            (
                 "stranger_without_cluster_certificate_is_refused",
                 stranger_refused,
             ),
@@ -563,6 +571,118 @@ fn cut_link_then_retry(env: &mut Env) -> Result<()> {
     ensure!(
         target_checksums(b, "tank/ployz/xfer-cut")? == a.checksums(&mp)?,
         "checksums differ after the retry"
+    );
+    Ok(())
+}
+
+fn receiver_killed_then_retry(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-kill")?;
+    write_data(a, &mp, "head -c 67108864 /dev/urandom > big")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-kill@s1"])?;
+    migration(env, "m-kill", "kill", "xfer-kill", "tank/ployz/xfer-kill")?;
+    let mut j = job("m-kill", "kill", "xfer-kill", "s1")?;
+    j.rate_limit = Some(16 << 20);
+    let ag = agents(env)?;
+    // A receiver of its own on another port, so the suite's shared one keeps running.
+    let b = env.machine("machine-b")?;
+    let port = PORT + 2;
+    let receiver = start_receiver(
+        env,
+        env.client.clone(),
+        b,
+        &ag.b,
+        "tank/ployz",
+        port,
+        NO_PROGRESS,
+    )?;
+    let addr = receiver.addr;
+    let s = sender(env, a, &ag.a)?;
+    let net = a.net.clone();
+    let progress = std::sync::Arc::new(Progress::default());
+    let p = std::sync::Arc::clone(&progress);
+    let j2 = j.clone();
+    let first = env.rt.spawn(async move {
+        let tcp = connect_from(net, addr).await?;
+        anyhow::Ok(s.send(tcp, &j2, &p).await)
+    });
+    ployz_e2e::wait::wait_for("16 MiB on the wire", Duration::from_secs(30), || {
+        Ok(progress.wire() > 16 << 20)
+    })?;
+    // The agent dies: its server and every connection it serves stop at once.
+    receiver.stop(env);
+    match env.block_on(first).context("first attempt panicked")?? {
+        Err(e) if e.is_retryable() => {}
+        other => bail!("a killed receiver should fail the send retryably, got {other:?}"),
+    }
+    let b = env.machine("machine-b")?;
+    // The agent comes back at once, while ZFS may still be failing the interrupted receive;
+    // the sender's retry goes through.
+    let _receiver = start_receiver(
+        env,
+        env.client.clone(),
+        b,
+        &ag.b,
+        "tank/ployz",
+        port,
+        NO_PROGRESS,
+    )?;
+    let s = sender(env, env.machine("machine-a")?, &ag.a)?;
+    let net = env.machine("machine-a")?.net.clone();
+    let report = env.block_on(s.send_with_retry(
+        || connect_from(net.clone(), addr),
+        &j,
+        &Progress::default(),
+        5,
+    ))?;
+    ensure!(
+        matches!(report, SendReport::Sent { base: None, .. }),
+        "{report:?}"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-kill")? == a.checksums(&mp)?,
+        "checksums differ after the retry"
+    );
+    Ok(())
+}
+
+/// After an interrupted full receive, ZFS removes the empty target a moment later. A retry that
+/// arrives in between must wait for that instead of refusing an "existing" target.
+fn interrupted_leftover_waited_for(env: &mut Env) -> Result<()> {
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-settle")?;
+    write_data(a, &mp, "echo settled > f")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-settle@s1"])?;
+    migration(
+        env,
+        "m-settle",
+        "settle",
+        "xfer-settle",
+        "tank/ployz/xfer-settle",
+    )?;
+    // The leftover, and the cleanup that ZFS would do about a second later.
+    let b = env.machine("machine-b")?;
+    // Unmounted, as a receive (-u) leaves it.
+    b.zfs(&["create", "-o", "mountpoint=none", "tank/ployz/xfer-settle"])?;
+    let mut destroy = b.command("/sbin/zfs");
+    destroy.args(["destroy", "tank/ployz/xfer-settle"]);
+    let cleanup = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        run(&mut destroy)
+    });
+    let r = send(env, &job("m-settle", "settle", "xfer-settle", "s1")?)?;
+    cleanup
+        .join()
+        .map_err(|_| anyhow::anyhow!("cleanup panicked"))??;
+    ensure!(
+        matches!(r, Ok(SendReport::Sent { base: None, .. })),
+        "{r:?}"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-settle")? == a.checksums(&mp)?,
+        "checksums differ"
     );
     Ok(())
 }

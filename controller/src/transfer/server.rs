@@ -22,6 +22,9 @@ use super::tls::{self, TlsError};
 use crate::api::ZfsInfo;
 use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError};
 
+/// How long an empty, unmarked target may take to vanish after an interrupted receive.
+const SETTLE: Duration = Duration::from_secs(5);
+
 /// Receiver settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -114,11 +117,19 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     }
 
     /// Accepts connections until the listener fails.
+    /// Accepts connections until the listener fails. Connections run as tasks owned by this
+    /// future: when it is dropped (the agent stops), every receive in flight is aborted, its
+    /// `zfs receive` sees a truncated stream and leaves the target at its base.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
+        let mut connections = tokio::task::JoinSet::new();
         loop {
-            let (tcp, addr) = listener.accept().await?;
+            let (tcp, addr) = tokio::select! {
+                accepted = listener.accept() => accepted?,
+                // Reap finished connections so the set does not grow.
+                Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            };
             let this = Arc::clone(&self);
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 if let Err(e) = this.handle(tcp).await {
                     warn!(peer = %addr, error = %e, "transfer connection failed");
                 }
@@ -239,13 +250,31 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         outcome.map(drop)
     }
 
+    async fn inspect(
+        &self,
+        dataset: &DatasetName,
+    ) -> Result<Option<crate::zfs::Dataset>, ServerError> {
+        match self.zfs.inventory(dataset, &self.info).await {
+            Ok(mut inv) => Ok(inv.datasets.remove(dataset)),
+            Err(ZfsError::NotFound(_)) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     async fn target_state(&self, dataset: &DatasetName) -> Result<TargetState, ServerError> {
         let resumable = self.info.capabilities.resume_tokens;
-        let found = match self.zfs.inventory(dataset, &self.info).await {
-            Ok(mut inv) => inv.datasets.remove(dataset),
-            Err(ZfsError::NotFound(_)) => None,
-            Err(e) => return Err(e.into()),
-        };
+        let mut found = self.inspect(dataset).await?;
+        // A dataset with no snapshot, no ployz mark and no resume token may be a full receive
+        // that was just interrupted (a killed agent) and that ZFS is still failing: it vanishes
+        // moments later. Look again for a while before calling it someone else's data.
+        let deadline = tokio::time::Instant::now() + SETTLE;
+        while found.as_ref().is_some_and(|ds| {
+            ds.snapshots.is_empty() && !ds.is_ployz_replica() && ds.resume_token.is_none()
+        }) && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            found = self.inspect(dataset).await?;
+        }
         Ok(match found {
             Some(ds) => TargetState {
                 dataset: dataset.to_string(),
