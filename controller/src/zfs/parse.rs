@@ -176,14 +176,24 @@ pub fn bookmarks(command: &str, stdout: &str, inv: &mut Inventory) -> Result<(),
     Ok(())
 }
 
-/// `zfs send -nvP ...` (OpenZFS): the `size` line holds the estimate in bytes.
+/// `zfs send -nvP ...` (OpenZFS): the `size` line holds the estimate in bytes. Resumed sends
+/// (`-t TOKEN`) on older OpenZFS print no `size` line, only the token's contents and a
+/// `full NAME BYTES` or `incremental FROM NAME BYTES` line, whose last field is the estimate.
 pub fn send_estimate(command: &str, output: &str) -> Result<u64, ZfsError> {
-    output
+    let size = output
         .lines()
         .filter_map(|l| l.strip_prefix("size\t"))
         .next_back()
-        .and_then(|v| v.trim().parse().ok())
-        .ok_or_else(|| parse_err(command, format!("no size line in {output:?}")))
+        .and_then(|v| v.trim().parse().ok());
+    let summary = || {
+        output
+            .lines()
+            .rfind(|l| l.starts_with("full\t") || l.starts_with("incremental\t"))
+            .and_then(|l| l.rsplit('\t').next())
+            .and_then(|v| v.trim().parse().ok())
+    };
+    size.or_else(summary)
+        .ok_or_else(|| parse_err(command, format!("no size in {output:?}")))
 }
 
 #[cfg(test)]
@@ -324,5 +334,10 @@ tank/v@s1\treceive_resume_token\t-
             Some(10510336)
         );
         assert!(send_estimate("send", "nothing").is_err());
+        // Resumed sends: the token's contents, then the summary line, and no size line.
+        let resumed = "resume token contents:\nnvlist version: 0\n\tfromguid = 0x1a2b\n\tobject = 0x2\n\toffset = 0x80000\n\tbytes = 0x90000\n\ttoguid = 0x3c4d\n\ttoname = tank/v@s2\nincremental\ttank/v@s1\ttank/v@s2\t7340032\n";
+        assert_eq!(send_estimate("send", resumed).ok(), Some(7340032));
+        let resumed_full = "resume token contents:\nnvlist version: 0\n\tobject = 0x2\n\toffset = 0x40000\n\tbytes = 0x48000\n\ttoguid = 0x3c4d\n\ttoname = tank/v@s1\nfull\ttank/v@s1\t4194304\n";
+        assert_eq!(send_estimate("send", resumed_full).ok(), Some(4194304));
     }
 }
