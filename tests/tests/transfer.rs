@@ -517,19 +517,30 @@ fn pool_too_small(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-fn cut_link_then_retry(env: &mut Env) -> Result<()> {
+/// A rate-limited send of 64 MiB from `tank/ployz/xfer-NAME`, interrupted by `interrupt` once
+/// a good part is on the wire: the attempt must fail retryably. Then `recover` (which may
+/// return something to keep alive, such as a restarted receiver) runs, and a retry must
+/// deliver the data intact.
+fn interrupted_then_retried<G>(
+    env: &Env,
+    name: &str,
+    addr: std::net::SocketAddr,
+    interrupt: impl FnOnce(&Env) -> Result<()>,
+    recover: impl FnOnce(&Env) -> Result<G>,
+) -> Result<()> {
+    let (volume, migration_name) = (format!("xfer-{name}"), format!("m-{name}"));
+    let dataset = format!("tank/ployz/{volume}");
     let a = env.machine("machine-a")?;
-    let mp = a.create_dataset("tank/ployz/xfer-cut")?;
-    write_data(a, &mp, "head -c 100663296 /dev/urandom > big")?;
-    a.zfs(&["snapshot", "tank/ployz/xfer-cut@s1"])?;
-    migration(env, "m-cut", "cut", "xfer-cut", "tank/ployz/xfer-cut")?;
-    let mut j = job("m-cut", "cut", "xfer-cut", "s1")?;
+    let mp = a.create_dataset(&dataset)?;
+    write_data(a, &mp, "head -c 67108864 /dev/urandom > big")?;
+    a.zfs(&["snapshot", &format!("{dataset}@s1")])?;
+    migration(env, &migration_name, name, &volume, &dataset)?;
+    let mut j = job(&migration_name, name, &volume, "s1")?;
     j.rate_limit = Some(16 << 20);
 
     let ag = agents(env)?;
     let s = sender(env, a, &ag.a)?;
     let net = a.net.clone();
-    let addr = ag.receiver.addr;
     let progress = std::sync::Arc::new(Progress::default());
     let p = std::sync::Arc::clone(&progress);
     let j2 = j.clone();
@@ -537,23 +548,16 @@ fn cut_link_then_retry(env: &mut Env) -> Result<()> {
         let tcp = connect_from(net, addr).await?;
         anyhow::Ok(s.send(tcp, &j2, &p).await)
     });
-    // Cut the link once a quarter of the stream is through.
     ployz_e2e::wait::wait_for("24 MiB on the wire", Duration::from_secs(30), || {
         Ok(progress.wire() > 24 << 20)
     })?;
-    run(&mut command("ip", ["link", "set", "pzv-machine-b", "down"]))?;
+    interrupt(env)?;
     let result = env.block_on(first).context("first attempt panicked")?;
-    run(&mut command("ip", ["link", "set", "pzv-machine-b", "up"]))?;
+    let _guard = recover(env)?;
     match result? {
         Err(e) if e.is_retryable() => {}
-        other => bail!("a cut link should fail retryably, got {other:?}"),
+        other => bail!("an interrupted send should fail retryably, got {other:?}"),
     }
-    let b = env.machine("machine-b")?;
-    let left = b.zfs(&["list", "-H", "-r", "-o", "name", "tank/ployz"])?;
-    ensure!(
-        !left.contains("xfer-cut"),
-        "a half-received dataset blocks the retry: {left}"
-    );
 
     let s = sender(env, env.machine("machine-a")?, &ag.a)?;
     let net = env.machine("machine-a")?.net.clone();
@@ -569,82 +573,62 @@ fn cut_link_then_retry(env: &mut Env) -> Result<()> {
     );
     let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
     ensure!(
-        target_checksums(b, "tank/ployz/xfer-cut")? == a.checksums(&mp)?,
+        target_checksums(b, &dataset)? == a.checksums(&mp)?,
         "checksums differ after the retry"
     );
     Ok(())
 }
 
+fn cut_link_then_retry(env: &mut Env) -> Result<()> {
+    let addr = agents(env)?.receiver.addr;
+    interrupted_then_retried(
+        env,
+        "cut",
+        addr,
+        |_| run(&mut command("ip", ["link", "set", "pzv-machine-b", "down"])).map(drop),
+        |env| {
+            run(&mut command("ip", ["link", "set", "pzv-machine-b", "up"]))?;
+            let b = env.machine("machine-b")?;
+            let left = b.zfs(&["list", "-H", "-r", "-o", "name", "tank/ployz"])?;
+            ensure!(
+                !left.contains("xfer-cut"),
+                "a half-received dataset blocks the retry: {left}"
+            );
+            Ok(())
+        },
+    )
+}
+
 fn receiver_killed_then_retry(env: &mut Env) -> Result<()> {
-    let a = env.machine("machine-a")?;
-    let mp = a.create_dataset("tank/ployz/xfer-kill")?;
-    write_data(a, &mp, "head -c 67108864 /dev/urandom > big")?;
-    a.zfs(&["snapshot", "tank/ployz/xfer-kill@s1"])?;
-    migration(env, "m-kill", "kill", "xfer-kill", "tank/ployz/xfer-kill")?;
-    let mut j = job("m-kill", "kill", "xfer-kill", "s1")?;
-    j.rate_limit = Some(16 << 20);
     let ag = agents(env)?;
     // A receiver of its own on another port, so the suite's shared one keeps running.
-    let b = env.machine("machine-b")?;
     let port = PORT + 2;
-    let receiver = start_receiver(
-        env,
-        env.client.clone(),
-        b,
-        &ag.b,
-        "tank/ployz",
-        port,
-        NO_PROGRESS,
-    )?;
+    let start = |env: &Env| {
+        let b = env.machine("machine-b")?;
+        start_receiver(
+            env,
+            env.client.clone(),
+            b,
+            &ag.b,
+            "tank/ployz",
+            port,
+            NO_PROGRESS,
+        )
+    };
+    let receiver = start(env)?;
     let addr = receiver.addr;
-    let s = sender(env, a, &ag.a)?;
-    let net = a.net.clone();
-    let progress = std::sync::Arc::new(Progress::default());
-    let p = std::sync::Arc::clone(&progress);
-    let j2 = j.clone();
-    let first = env.rt.spawn(async move {
-        let tcp = connect_from(net, addr).await?;
-        anyhow::Ok(s.send(tcp, &j2, &p).await)
-    });
-    ployz_e2e::wait::wait_for("16 MiB on the wire", Duration::from_secs(30), || {
-        Ok(progress.wire() > 16 << 20)
-    })?;
-    // The agent dies: its server and every connection it serves stop at once.
-    receiver.stop(env);
-    match env.block_on(first).context("first attempt panicked")?? {
-        Err(e) if e.is_retryable() => {}
-        other => bail!("a killed receiver should fail the send retryably, got {other:?}"),
-    }
-    let b = env.machine("machine-b")?;
-    // The agent comes back at once, while ZFS may still be failing the interrupted receive;
-    // the sender's retry goes through.
-    let _receiver = start_receiver(
+    interrupted_then_retried(
         env,
-        env.client.clone(),
-        b,
-        &ag.b,
-        "tank/ployz",
-        port,
-        NO_PROGRESS,
-    )?;
-    let s = sender(env, env.machine("machine-a")?, &ag.a)?;
-    let net = env.machine("machine-a")?.net.clone();
-    let report = env.block_on(s.send_with_retry(
-        || connect_from(net.clone(), addr),
-        &j,
-        &Progress::default(),
-        5,
-    ))?;
-    ensure!(
-        matches!(report, SendReport::Sent { base: None, .. }),
-        "{report:?}"
-    );
-    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
-    ensure!(
-        target_checksums(b, "tank/ployz/xfer-kill")? == a.checksums(&mp)?,
-        "checksums differ after the retry"
-    );
-    Ok(())
+        "kill",
+        addr,
+        // The agent dies: its server and every connection it serves stop at once.
+        |env| {
+            receiver.stop(env);
+            Ok(())
+        },
+        // It comes back at once, while ZFS may still be failing the interrupted receive.
+        start,
+    )
 }
 
 /// After an interrupted full receive, ZFS removes the empty target a moment later. A retry that
