@@ -150,6 +150,17 @@ fn send_as(
     addr: std::net::SocketAddr,
     job: &SendJob,
 ) -> Result<Result<SendReport, TransferError>> {
+    send_watched(env, identity, addr, job, &Progress::default())
+}
+
+/// Like [`send_as`], with the caller's progress counters.
+fn send_watched(
+    env: &Env,
+    identity: &Identity,
+    addr: std::net::SocketAddr,
+    job: &SendJob,
+    progress: &Progress,
+) -> Result<Result<SendReport, TransferError>> {
     let a = env.machine("machine-a")?;
     let s = sender(env, a, identity)?;
     let net = a.net.clone();
@@ -157,7 +168,7 @@ fn send_as(
         let tcp = connect_from(net, addr)
             .await
             .context("connecting from machine-a")?;
-        anyhow::Ok(s.send(tcp, job, &Progress::default()).await)
+        anyhow::Ok(s.send(tcp, job, progress).await)
     })
 }
 
@@ -228,8 +239,22 @@ fn full_send(env: &mut Env) -> Result<()> {
     a.zfs(&["snapshot", "tank/ployz/xfer-data@s1"])?;
     migration(env, "m-data", DATA, "xfer-data", "tank/ployz/xfer-data")?;
 
-    let (base, bytes) = sent(send(env, &job("m-data", DATA, "xfer-data", "s1")?)?)?;
+    let ag = agents(env)?;
+    let progress = Progress::default();
+    let j = job("m-data", DATA, "xfer-data", "s1")?;
+    let (base, bytes) = sent(send_watched(env, &ag.a, ag.receiver.addr, &j, &progress)?)?;
     ensure!(base.is_none(), "a first send is full, got base {base:?}");
+    // Random data does not compress: the (legacy) estimate is close to the real stream.
+    let estimate = progress.estimate().context("no size estimate")?;
+    ensure!(
+        estimate.abs_diff(bytes) * 10 < bytes,
+        "estimate {estimate} is more than 10% off the stream's {bytes} bytes"
+    );
+    ensure!(
+        progress.stream() == bytes,
+        "progress counted {} of {bytes}",
+        progress.stream()
+    );
     ensure!(
         bytes > 32 << 20,
         "stream of {bytes} bytes for 32 MiB of data"

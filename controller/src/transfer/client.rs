@@ -178,8 +178,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
             }
         };
 
-        let args = match self.choose(job, &target).await {
-            Ok(Some(args)) => args,
+        let (args, fallback_estimate) = match self.choose(job, &target).await {
+            Ok(Some(chosen)) => chosen,
             Ok(None) => {
                 write_frame(
                     &mut conn,
@@ -213,7 +213,9 @@ impl<Z: Zfs + 'static> Sender<Z> {
             self.zfs.hold(s).await?;
         }
         let base = args.base.as_ref().map(|b| b.point().name.clone());
-        let result = self.stream(&mut conn, job, &args, progress).await;
+        let result = self
+            .stream(&mut conn, job, &args, fallback_estimate, progress)
+            .await;
         if let Some(s) = &held {
             // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
             let _ = self.zfs.release(s).await;
@@ -264,22 +266,22 @@ impl<Z: Zfs + 'static> Sender<Z> {
             .await
     }
 
-    /// The send arguments for this target, or `None` when it is up to date.
+    /// The send arguments for this target, or `None` when it is up to date; with the legacy
+    /// size estimate when this ZFS cannot estimate itself.
     async fn choose(
         &self,
         job: &SendJob,
         target: &TargetState,
-    ) -> Result<Option<SendArgs>, TransferError> {
+    ) -> Result<Option<(SendArgs, Option<u64>)>, TransferError> {
+        let ours = self.info.capabilities;
+        let theirs = target.capabilities;
         let to = job.dataset.snapshot(&job.to).map_err(ZfsError::from)?;
         let mut args = SendArgs::new(to);
-        args.compressed = self.info.capabilities.compressed_send;
-        if let Some(token) = target
-            .resume_token
-            .clone()
-            .filter(|_| self.info.capabilities.resume_tokens)
-        {
+        // Only what both sides support: a legacy receiver cannot take a compressed stream.
+        args.compressed = ours.compressed_send && theirs.compressed_send;
+        if let Some(token) = target.resume_token.clone().filter(|_| ours.resume_tokens) {
             args.resume_token = Some(token);
-            return Ok(Some(args));
+            return Ok(Some((args, None)));
         }
         let inv = self.zfs.inventory(&job.dataset, &self.info).await?;
         let ds = inv
@@ -303,7 +305,12 @@ impl<Z: Zfs + 'static> Sender<Z> {
             SendPlan::Incremental { base, .. } => Some(base),
         };
         args.base = base;
-        Ok(Some(args))
+        let fallback = if ours.size_estimates {
+            None
+        } else {
+            legacy_estimate(ds, &args)
+        };
+        Ok(Some((args, fallback)))
     }
 
     async fn stream<S>(
@@ -311,6 +318,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
         conn: &mut S,
         job: &SendJob,
         args: &SendArgs,
+        fallback_estimate: Option<u64>,
         progress: &Progress,
     ) -> Result<(u64, u64), TransferError>
     where
@@ -318,16 +326,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
     {
         let estimate = match self.zfs.estimate(args, &self.info).await {
             Ok(Some(e)) => Some(e),
-            _ => self
-                .zfs
-                .inventory(&job.dataset, &self.info)
-                .await
-                .ok()
-                .and_then(|inv| {
-                    inv.datasets
-                        .get(&job.dataset)
-                        .and_then(|ds| legacy_estimate(ds, args))
-                }),
+            _ => fallback_estimate,
         };
         progress
             .estimated_bytes

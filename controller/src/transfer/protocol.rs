@@ -13,6 +13,7 @@
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
+use crate::api::ZfsCapabilities;
 use crate::zfs::base::Point;
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -75,8 +76,8 @@ pub struct TargetState {
     pub ployz_replica: bool,
     /// Token of an interrupted resumable receive.
     pub resume_token: Option<String>,
-    /// The receiver keeps partial state of interrupted receives (`receive -s`).
-    pub resumable: bool,
+    /// What the receiver's ZFS can do; the sender uses only what both sides have.
+    pub capabilities: ZfsCapabilities,
 }
 
 /// Wire compression of the stream.

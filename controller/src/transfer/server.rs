@@ -262,7 +262,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     }
 
     async fn target_state(&self, dataset: &DatasetName) -> Result<TargetState, ServerError> {
-        let resumable = self.info.capabilities.resume_tokens;
+        let capabilities = self.info.capabilities;
         let mut found = self.inspect(dataset).await?;
         // A dataset with no snapshot, no ployz mark and no resume token may be a full receive
         // that was just interrupted (a killed agent) and that ZFS is still failing: it vanishes
@@ -282,7 +282,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 snapshots: ds.target_side().snapshots,
                 ployz_replica: ds.is_ployz_replica(),
                 resume_token: ds.resume_token,
-                resumable,
+                capabilities,
             },
             None => TargetState {
                 dataset: dataset.to_string(),
@@ -290,7 +290,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 snapshots: vec![],
                 ployz_replica: false,
                 resume_token: None,
-                resumable,
+                capabilities,
             },
         })
     }
@@ -340,7 +340,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     ) -> Result<u64, ServerError> {
         let args = ReceiveArgs {
             target: dataset.clone(),
-            resumable: state.resumable,
+            resumable: state.capabilities.resume_tokens,
             rollback,
         };
         let mut child = self.zfs.receive(&args)?;
