@@ -2,7 +2,6 @@
 //! `machine-a` and `machine-b`, each a kwok-managed node. Built once per suite; dropping it
 //! (or a signal) tears everything down.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -213,12 +212,4 @@ impl Drop for Env {
         self.control_plane.take();
         reaper::release_all();
     }
-}
-
-/// Labels as a `BTreeMap`, for object literals.
-pub fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }

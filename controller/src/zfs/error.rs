@@ -31,8 +31,6 @@ pub enum ZfsError {
     OutOfSpace(String),
     #[error("the stream broke before it was complete: {0}; the transfer can be retried")]
     StreamBroken(String),
-    #[error("this ZFS does not support {0}")]
-    Unsupported(&'static str),
     #[error("unexpected output from {command}: {detail}")]
     Parse { command: String, detail: String },
     #[error("{command} failed: {stderr}")]
