@@ -4,9 +4,15 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
-.PHONY: test deps bins lint unit e2e smoke bench env crds examples fmt
+.PHONY: test demo deps bins lint unit e2e smoke migrate bench env crds examples fmt
 
 test: deps lint unit e2e
+
+# The README's first command: two machines, an agent on each, a stateful app moved from
+# machine-a to machine-b and back. Tears everything down at the end and on Ctrl-C.
+demo: deps bins
+	$(CARGO) build -q --locked -p ployz -p ployzctl --bins
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) run -q --locked -p ployz-e2e --bin ployz-demo
 
 # System packages (zfs-fuse, iproute2) a fresh machine lacks.
 deps:
@@ -26,10 +32,14 @@ unit:
 
 # End-to-end suites on a real control plane, real zfs-fuse machines and network namespaces.
 e2e: deps bins
+	$(CARGO) build -q --locked -p ployz --bin ployz-controller
 	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked
 
 smoke: deps bins
 	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test smoke
+
+migrate: deps bins
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test migrate
 
 # The local environment for a person: up until Ctrl-C.
 env: deps bins

@@ -4,8 +4,11 @@
 //! This library holds the API types, the planner and the side-effect layers (ZFS, transfer,
 //! Kubernetes) shared by the per-node agent (`ployz-controller`) and `ployzctl`.
 
+pub mod agent;
 pub mod api;
 pub mod manifest;
 pub mod names;
+pub mod openebs;
+pub mod plan;
 pub mod transfer;
 pub mod zfs;

@@ -36,6 +36,23 @@ pub enum Command {
     /// Move workloads between machines.
     #[command(subcommand)]
     Migrate(MigrateCommand),
+    /// The machines ployz agents publish.
+    #[command(subcommand)]
+    Machine(MachineCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MachineCommand {
+    /// List machines: readiness, drain state, pool, free space, ZFS.
+    Ls,
+    /// Mark a machine as draining: it accepts no more incoming migrations. Lists the
+    /// workloads with ZFS volumes still on it, and the commands that move them.
+    Drain {
+        machine: MachineName,
+        /// Undo a drain.
+        #[arg(long)]
+        undo: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -45,6 +62,24 @@ pub enum MigrateCommand {
         after_help = "Example:\n  ployzctl migrate render-manifest production/web --to machine-b | kubectl apply -f -"
     )]
     RenderManifest(MigrationArgs),
+    /// Dry run: resolve the workload and its volumes and check the move the way the controller
+    /// will, without changing anything.
+    Preview(MigrationArgs),
+    /// Create the Migration and follow it until it ends (exit 0 when the workload runs on
+    /// the target).
+    Apply {
+        #[command(flatten)]
+        args: MigrationArgs,
+        /// Create the Migration and return without following it.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Follow an existing Migration until it ends.
+    Watch {
+        /// The Migration, as NAMESPACE/NAME.
+        #[arg(value_name = "NAMESPACE/NAME")]
+        migration: ServiceRef,
+    },
 }
 
 /// What to migrate, where, and how.

@@ -1,7 +1,9 @@
 //! ployzctl: the ployz command line.
 
 mod cli;
+mod cluster;
 mod error;
+mod machine;
 mod migrate;
 
 use std::io::Write;
@@ -10,7 +12,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ployz::manifest::Format;
 
-use crate::cli::{Cli, Command, MigrateCommand};
+use crate::cli::{Cli, Command, MachineCommand, MigrateCommand};
 use crate::error::CliError;
 
 fn run(cli: &Cli) -> Result<String, CliError> {
@@ -19,9 +21,41 @@ fn run(cli: &Cli) -> Result<String, CliError> {
     } else {
         Format::Yaml
     };
+    // Only commands that talk to the cluster need a runtime and a client.
+    let cluster = || -> Result<(tokio::runtime::Runtime, kube::Client), CliError> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let client = rt.block_on(cluster::client(&cli.global))?;
+        Ok((rt, client))
+    };
     match &cli.command {
         Command::Migrate(MigrateCommand::RenderManifest(args)) => {
             migrate::render_manifest(args, format)
+        }
+        Command::Migrate(MigrateCommand::Preview(args)) => {
+            migrate::build(args)?;
+            let (rt, client) = cluster()?;
+            rt.block_on(migrate::preview(client, args, format))
+        }
+        Command::Migrate(MigrateCommand::Apply { args, no_wait }) => {
+            migrate::build(args)?;
+            let (rt, client) = cluster()?;
+            rt.block_on(migrate::apply(client, args, *no_wait, format))
+        }
+        Command::Migrate(MigrateCommand::Watch { migration }) => {
+            let (rt, client) = cluster()?;
+            let api = kube::Api::namespaced(client, &migration.namespace);
+            rt.block_on(migrate::follow(api, &migration.service, format))
+        }
+        Command::Machine(MachineCommand::Ls) => {
+            let (rt, client) = cluster()?;
+            rt.block_on(machine::ls(client, format))
+        }
+        Command::Machine(MachineCommand::Drain { machine, undo }) => {
+            let (rt, client) = cluster()?;
+            rt.block_on(machine::drain(client, machine, *undo, format))
         }
     }
 }

@@ -3,13 +3,14 @@
 //! sender connecting from another machine's namespace.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use ployz::api::ZfsInfo;
+use ployz::api::{Machine, ZfsInfo};
 use ployz::api::{Migration, MigrationSpec};
 use ployz::transfer::authz::KubeAuthorizer;
 use ployz::transfer::client::Sender;
@@ -24,6 +25,8 @@ use serde_json::json;
 use crate::env::Env;
 use crate::machine::ZfsMachine;
 use crate::network::join;
+use crate::process::Proc;
+use crate::wait::until;
 
 /// A cluster CA that issues agent certificates (what the Helm chart does in production).
 pub struct AgentCa {
@@ -223,4 +226,143 @@ pub async fn sending_migration(
     )
     .await?;
     Ok(())
+}
+
+/// PEM files of an agent's identity.
+#[derive(Debug, Clone)]
+pub struct AgentTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl AgentCa {
+    /// Writes `machine`'s certificate, key and the CA into `dir`.
+    pub fn write_identity(&self, machine: &str, dir: &Path) -> Result<AgentTls> {
+        let mut p = CertificateParams::new(vec![machine.to_string()])?;
+        p.distinguished_name.push(DnType::CommonName, machine);
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.ca)?;
+        std::fs::create_dir_all(dir)?;
+        let tls = AgentTls {
+            ca: dir.join("ca.pem"),
+            cert: dir.join(format!("{machine}.pem")),
+            key: dir.join(format!("{machine}-key.pem")),
+        };
+        std::fs::write(&tls.ca, self.ca.pem())?;
+        std::fs::write(&tls.cert, cert.pem())?;
+        std::fs::write(&tls.key, key.serialize_pem())?;
+        Ok(tls)
+    }
+}
+
+/// The agent binary, built (a no-op when fresh) by the cargo that runs the tests.
+pub fn agent_binary(root: &Path) -> Result<PathBuf> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    crate::process::run(std::process::Command::new(cargo).current_dir(root).args([
+        "build",
+        "-q",
+        "-p",
+        "ployz",
+        "--bin",
+        "ployz-controller",
+    ]))?;
+    let target =
+        std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
+    Ok(target.join("debug/ployz-controller"))
+}
+
+/// Transfer port of every agent.
+pub const AGENT_PORT: u16 = 7420;
+/// Health and metrics port of every agent.
+pub const AGENT_HTTP_PORT: u16 = 7421;
+
+/// A `ployz-controller` process running on a machine: in its network and mount namespaces,
+/// as the DaemonSet pod would.
+#[derive(Debug)]
+pub struct Agent {
+    pub machine: String,
+    proc: Proc,
+}
+
+impl Agent {
+    /// Starts the agent of `machine` and waits until its Machine is Ready.
+    pub fn start(env: &Env, ca: &AgentCa, machine: &str, extra: &[&str]) -> Result<Self> {
+        let m = env.machine(machine)?;
+        let tls = ca.write_identity(machine, &env.state.join("agent-tls"))?;
+        let bin = agent_binary(&env.root)?;
+        let listen = SocketAddr::from((m.ip(), AGENT_PORT));
+        let http = SocketAddr::from((m.ip(), AGENT_HTTP_PORT));
+        let mut cmd = m.command(&bin.to_string_lossy());
+        cmd.args(["--node-name", machine, "--pool", crate::env::POOL])
+            .arg("--listen")
+            .arg(listen.to_string())
+            .arg("--http-listen")
+            .arg(http.to_string())
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .args(["--zfs", "/sbin/zfs", "--heartbeat-seconds", "2"])
+            .args(extra)
+            .env("KUBECONFIG", env.kubeconfig()?)
+            .env(
+                "PLOYZ_LOG",
+                std::env::var("PLOYZ_AGENT_LOG").unwrap_or_else(|_| "ployz=debug,info".into()),
+            );
+        let started = k8s_openapi::jiff::Timestamp::now();
+        let mut proc = Proc::spawn(
+            &format!("agent-{machine}"),
+            cmd,
+            &bin.to_string_lossy(),
+            &env.logs,
+        )?;
+        let machines: Api<Machine> = Api::all(env.client.clone());
+        let ready = env.block_on(until(
+            &format!("Machine {machine} Ready"),
+            Duration::from_secs(60),
+            || {
+                let machines = machines.clone();
+                async move {
+                    let Some(m) = machines.get_opt(machine).await? else {
+                        return Ok(None);
+                    };
+                    let s = m.status.unwrap_or_default();
+                    let fresh = s.heartbeat_time.is_some_and(|t| t.0 >= started);
+                    let ready = s
+                        .conditions
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    Ok((fresh && ready).then_some(()))
+                }
+            },
+        ));
+        if let Err(e) = ready {
+            let running = proc.check_running();
+            return Err(match running {
+                Err(exited) => exited,
+                Ok(()) => e,
+            });
+        }
+        Ok(Self {
+            machine: machine.into(),
+            proc,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// Kills the agent with SIGKILL, as a crashed node agent, and reaps it.
+    pub fn kill(mut self) {
+        self.proc.stop();
+    }
+
+    /// Fails with the end of its log when the agent has exited.
+    pub fn check_running(&mut self) -> Result<()> {
+        self.proc.check_running()
+    }
 }

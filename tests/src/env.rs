@@ -53,6 +53,8 @@ pub struct Env {
     pub root: PathBuf,
     /// Where component logs go (kept after the run, for post-mortems).
     pub logs: PathBuf,
+    /// Scratch files of this run (removed at teardown).
+    pub state: PathBuf,
     control_plane: Option<ControlPlane>,
     _lock: File,
 }
@@ -106,6 +108,7 @@ impl Env {
             machines,
             root,
             logs,
+            state,
             control_plane: Some(control_plane),
             _lock: lock,
         };
@@ -153,6 +156,8 @@ impl Env {
                         "kubernetes.io/hostname": m.name,
                         "kubernetes.io/os": "linux",
                         "kubernetes.io/arch": "amd64",
+                        // The topology key OpenEBS zfs-localpv pins its volumes with.
+                        "openebs.io/nodeid": m.name,
                         "type": "kwok",
                     },
                 },

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolume, PersistentVolumeClaim, Pod};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
@@ -266,13 +266,14 @@ pub async fn rebind_volume(client: &Client, vol: &LocalVolume, node: &str) -> Re
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &vol.namespace);
     let claim_uid = pvcs.get(&vol.claim).await?.metadata.uid;
     // pv-protection holds deletion while the claim is bound; the claim stays and rebinds.
+    // Lifted after the delete, when the controller can no longer add it back.
+    pvs.delete(&vol.pv, &DeleteParams::default()).await?;
     pvs.patch(
         &vol.pv,
         &PatchParams::default(),
         &Patch::Merge(json!({"metadata": {"finalizers": null}})),
     )
     .await?;
-    pvs.delete(&vol.pv, &DeleteParams::default()).await?;
     until(
         &format!("PV {} deleted", vol.pv),
         Duration::from_secs(30),
@@ -288,4 +289,118 @@ pub async fn rebind_volume(client: &Client, vol: &LocalVolume, node: &str) -> Re
     )
     .await?;
     Ok(())
+}
+
+/// A one-replica StatefulSet `name` (label app=NAME) with a volume claim template per entry
+/// of `templates`; the claims `TEMPLATE-NAME-0` must exist (see [`create_local_volume`]).
+pub async fn create_statefulset(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    templates: &[&str],
+) -> Result<()> {
+    let api: Api<StatefulSet> = Api::namespaced(client.clone(), namespace);
+    let mounts: Vec<_> = templates
+        .iter()
+        .map(|t| json!({"name": t, "mountPath": format!("/{t}")}))
+        .collect();
+    let claims: Vec<_> = templates
+        .iter()
+        .map(|t| {
+            json!({
+                "metadata": {"name": t},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "storageClassName": "ployz-local",
+                    "resources": {"requests": {"storage": "1Gi"}},
+                },
+            })
+        })
+        .collect();
+    let s: StatefulSet = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "replicas": 1,
+            "serviceName": name,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {"containers": [{
+                    "name": "db",
+                    "image": "registry.k8s.io/pause:3.10",
+                    "volumeMounts": mounts,
+                }]},
+            },
+            "volumeClaimTemplates": claims,
+        },
+    }))?;
+    api.create(&PostParams::default(), &s).await?;
+    Ok(())
+}
+
+/// An OpenEBS zfs-localpv volume on `machine`: the dataset `POOL_NAME/PV`, its ZFSVolume in
+/// `openebs_ns`, a CSI PV pinned by `openebs.io/nodeid`, and a pre-bound claim.
+pub async fn create_zfs_localpv_volume(
+    client: &Client,
+    machine: &ZfsMachine,
+    namespace: &str,
+    claim: &str,
+    openebs_ns: &str,
+) -> Result<LocalVolume> {
+    let pv = format!("pvc-{namespace}-{claim}");
+    let pool_name = format!("{}/ployz", machine.pool);
+    let dataset = format!("{pool_name}/{pv}");
+    let path = machine.create_dataset(&dataset)?;
+    let zv = json!({
+        "apiVersion": "zfs.openebs.io/v1",
+        "kind": "ZFSVolume",
+        "metadata": {"name": pv, "namespace": openebs_ns},
+        "spec": {"ownerNodeID": machine.name, "poolName": pool_name,
+                 "capacity": "1073741824", "fsType": "zfs"},
+    });
+    let zvs: Api<kube::core::DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        openebs_ns,
+        &kube::discovery::ApiResource::from_gvk(&kube::core::GroupVersionKind::gvk(
+            "zfs.openebs.io",
+            "v1",
+            "ZFSVolume",
+        )),
+    );
+    zvs.create(&PostParams::default(), &serde_json::from_value(zv)?)
+        .await?;
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let pv_obj: PersistentVolume = serde_json::from_value(json!({
+        "metadata": {"name": pv},
+        "spec": {
+            "capacity": {"storage": "1Gi"},
+            "accessModes": ["ReadWriteOnce"],
+            "persistentVolumeReclaimPolicy": "Retain",
+            "storageClassName": "openebs-zfspv",
+            "csi": {"driver": "zfs.csi.openebs.io", "volumeHandle": pv, "fsType": "zfs"},
+            "claimRef": {"kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim},
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "openebs.io/nodeid", "operator": "In", "values": [machine.name]}
+            ]}]}},
+        },
+    }))?;
+    pvs.create(&PostParams::default(), &pv_obj).await?;
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
+    let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": claim},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "openebs-zfspv",
+            "volumeName": pv,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    pvcs.create(&PostParams::default(), &pvc).await?;
+    Ok(LocalVolume {
+        namespace: namespace.into(),
+        claim: claim.into(),
+        pv,
+        dataset,
+        path,
+    })
 }

@@ -91,6 +91,11 @@ pub struct MachineStatus {
     /// `freeBytes` in human form for `kubectl get`, e.g. `12.5GiB`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub free: Option<String>,
+
+    /// Mountpoint of the pool's root dataset: a local PV's path below it names a dataset of
+    /// the pool (datasets inherit their mountpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool_mountpoint: Option<String>,
 }
 
 /// ZFS implementation and capabilities, detected by the agent.

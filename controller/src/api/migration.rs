@@ -209,6 +209,86 @@ pub struct MigrationStatus {
     /// Ready on the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_milliseconds: Option<u64>,
+
+    /// Pre-copy bookkeeping, written before each snapshot is taken.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pre_copy: Option<PreCopy>,
+
+    /// Cutover bookkeeping: everything rollback needs, written before each side effect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cutover: Option<Cutover>,
+
+    /// Consecutive failed transfer attempts; reset by a successful pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transfer_failures: Option<u32>,
+}
+
+/// Pre-copy passes: each snapshots every volume and sends it while the workload runs.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct PreCopy {
+    /// Current pass, from 1.
+    pub pass: u32,
+    /// Snapshot (short name) this pass sends, the same on every volume.
+    pub snapshot: String,
+    /// Stream bytes each finished pass sent, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pass_bytes: Vec<u64>,
+}
+
+/// Steps of the cutover, in order; `step` in [`Cutover`] is the last one completed.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+pub enum CutoverStep {
+    /// Original replicas recorded; scaling down.
+    Started,
+    /// No pod of the workload is left.
+    ScaledDown,
+    /// The final snapshot reached the target.
+    FinalSent,
+    /// The target's copy is writable and mounted.
+    Promoted,
+    /// Every volume is bound to the target.
+    Rebound,
+    /// The workload is scaled back up (placement on the target).
+    ScaledUp,
+}
+
+/// What the cutover changed, and how to undo it.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Cutover {
+    pub step: CutoverStep,
+    /// Replicas of the workload before the scale-down.
+    pub original_replicas: i32,
+    /// When the scale-down started (downtime is measured from here).
+    pub started: Time,
+    /// Final snapshot (short name).
+    pub final_snapshot: String,
+    /// The volumes as they were bound on the source.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeBinding>,
+    /// The pod template's node pinning before it was pointed at the target (JSON), when it
+    /// had any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_placement: Option<String>,
+}
+
+/// A volume's binding on the source, kept for rollback.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct VolumeBinding {
+    pub claim: String,
+    pub volume: String,
+    /// The PersistentVolume's spec on the source (JSON).
+    pub original_spec: String,
+    /// The ZFSVolume's spec on the source (JSON), for zfs-localpv volumes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub original_zfs_volume: Option<String>,
+    /// Mountpoint of the volume's dataset on the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_path: Option<String>,
 }
 
 /// The plan the source agent executes; also what `ployzctl migrate preview` prints.

@@ -213,3 +213,15 @@ fn machines_are_cluster_scoped_and_migrations_namespaced() {
         .collect();
     assert_eq!(fields, [".spec.service", ".spec.to", ".spec.from"]);
 }
+
+#[test]
+fn quantities_in_bytes() {
+    use super::quantity_bytes;
+    assert_eq!(quantity_bytes("100Mi"), Some(100 << 20));
+    assert_eq!(quantity_bytes("1k"), Some(1000));
+    assert_eq!(quantity_bytes("1.5Gi"), Some(3 << 29));
+    assert_eq!(quantity_bytes("2e3"), Some(2000));
+    assert_eq!(quantity_bytes("512"), Some(512));
+    assert_eq!(quantity_bytes("fast"), None);
+    assert_eq!(quantity_bytes("-1Mi"), None);
+}

@@ -1,13 +1,44 @@
-//! ployz-controller: the per-node agent. The reconciler lands with issue 5; until then this
-//! binary only reports its version, and refuses to run rather than pretend to.
+//! ployz-controller: the per-node agent (one per machine, as a DaemonSet).
 
 use std::process::ExitCode;
 
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "ployz per-node agent: moves workloads and their ZFS volumes between machines"
+)]
+struct Cli {
+    #[command(flatten)]
+    config: ployz::agent::Config,
+}
+
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("--version") {
-        println!("ployz-controller {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("PLOYZ_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(ployz::agent::run(cli.config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!("error: the ployz agent is not implemented yet in this build");
-    ExitCode::FAILURE
 }

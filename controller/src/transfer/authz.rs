@@ -7,7 +7,7 @@ use std::future::Future;
 
 use kube::{Api, Client};
 
-use super::protocol::{Hello, RefusalReason};
+use super::protocol::{Action, Hello, RefusalReason};
 use crate::api::{Migration, Phase};
 use crate::zfs::DatasetName;
 
@@ -89,10 +89,18 @@ pub fn decide(
         ));
     }
     let phase = status.and_then(|s| s.phase);
-    if !matches!(phase, Some(Phase::Sending | Phase::CuttingOver)) {
+    let allowed = match hello.action {
+        Action::Receive => matches!(phase, Some(Phase::Sending | Phase::CuttingOver)),
+        Action::Promote => phase == Some(Phase::CuttingOver),
+        Action::Demote => matches!(phase, Some(Phase::CuttingOver | Phase::RollingBack)),
+    };
+    if !allowed {
         return Err(refuse(
             RefusalReason::NotSending,
-            format!("Migration {key} is in phase {phase:?}, not sending"),
+            format!(
+                "Migration {key} is in phase {phase:?}, which does not allow {:?}",
+                hello.action
+            ),
         ));
     }
     let volume = plan
@@ -198,6 +206,7 @@ mod tests {
                 name: "m".into(),
             },
             claim: claim.into(),
+            action: Action::Receive,
         }
     }
 
@@ -238,6 +247,15 @@ mod tests {
             reason(decide("b", &parent(), "a", &hello("other"), Some(&ok))),
             Some(RefusalReason::UnknownVolume)
         );
+        let mut promote = hello("data");
+        promote.action = Action::Promote;
+        assert_eq!(
+            reason(decide("b", &parent(), "a", &promote, Some(&ok))),
+            Some(RefusalReason::NotSending),
+            "promotion only during cutover"
+        );
+        let cutover = migration(Phase::CuttingOver, "tank/ployz/pv-1");
+        assert!(decide("b", &parent(), "a", &promote, Some(&cutover)).is_ok());
         let done = migration(Phase::Succeeded, "tank/ployz/pv-1");
         assert_eq!(
             reason(decide("b", &parent(), "a", &hello("data"), Some(&done))),

@@ -14,8 +14,8 @@ use tracing::info;
 
 use super::Progress;
 use super::protocol::{
-    FrameError, Hello, HelloReply, MigrationKey, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure,
-    RefusalReason, TargetState, WireCompression, read_frame, write_frame,
+    Action, FrameError, Hello, HelloReply, MigrationKey, Offer, Outcome, PROTOCOL_VERSION,
+    ReceiveFailure, RefusalReason, TargetState, WireCompression, read_frame, write_frame,
 };
 use super::pump::{Counting, PumpError, PumpOptions, send_chunks};
 use super::tls;
@@ -94,6 +94,15 @@ pub enum TransferError {
         reason: ReceiveFailure,
         message: String,
     },
+    #[error(
+        "{machine} has no room for {dataset}: the stream needs about {needed} bytes and {available} are free; free space on {machine} or pick another target"
+    )]
+    NoRoom {
+        machine: String,
+        dataset: String,
+        needed: u64,
+        available: u64,
+    },
     #[error("stream: {0}")]
     Pump(#[from] PumpError),
     #[error("protocol: {0}")]
@@ -146,37 +155,9 @@ impl<Z: Zfs + 'static> Sender<Z> {
         job: &SendJob,
         progress: &Progress,
     ) -> Result<SendReport, TransferError> {
-        let _ = tcp.set_nodelay(true);
-        let machine = job.target_machine.clone();
-        let name = tls::server_name(&machine)?;
-        let mut conn = tokio::time::timeout(job.no_progress, self.connector.connect(name, tcp))
-            .await
-            .map_err(|_| TransferError::Tls {
-                machine: machine.clone(),
-                source: std::io::ErrorKind::TimedOut.into(),
-            })?
-            .map_err(|source| TransferError::Tls {
-                machine: machine.clone(),
-                source,
-            })?;
-        // Whole chunks go to the socket in one piece rather than 64 KiB at a time.
-        conn.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
-        let hello = Hello {
-            version: PROTOCOL_VERSION,
-            migration: job.migration.clone(),
-            claim: job.claim.clone(),
-        };
-        write_frame(&mut conn, &hello).await?;
-        let target = match read_frame::<_, HelloReply>(&mut conn).await? {
-            HelloReply::Accepted(state) => state,
-            HelloReply::Refused { reason, message } => {
-                return Err(TransferError::Refused {
-                    machine,
-                    reason,
-                    message,
-                });
-            }
-        };
+        let (mut conn, target) = self
+            .open(tcp, job, Action::Receive, job.no_progress)
+            .await?;
 
         let (args, fallback_estimate) = match self.choose(job, &target).await {
             Ok(Some(chosen)) => chosen,
@@ -214,7 +195,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
         }
         let base = args.base.as_ref().map(|b| b.point().name.clone());
         let result = self
-            .stream(&mut conn, job, &args, fallback_estimate, progress)
+            .stream(&mut conn, job, &target, &args, fallback_estimate, progress)
             .await;
         if let Some(s) = &held {
             // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
@@ -228,6 +209,71 @@ impl<Z: Zfs + 'static> Sender<Z> {
             stream_bytes,
             wire_bytes,
         })
+    }
+
+    /// TLS handshake and `Hello` for `action` on `job`'s volume; the receiver's view of its
+    /// dataset when it accepts.
+    async fn open(
+        &self,
+        tcp: TcpStream,
+        job: &SendJob,
+        action: Action,
+        timeout: Duration,
+    ) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, TargetState), TransferError> {
+        let _ = tcp.set_nodelay(true);
+        let machine = job.target_machine.clone();
+        let name = tls::server_name(&machine)?;
+        let mut conn = tokio::time::timeout(timeout, self.connector.connect(name, tcp))
+            .await
+            .map_err(|_| TransferError::Tls {
+                machine: machine.clone(),
+                source: std::io::ErrorKind::TimedOut.into(),
+            })?
+            .map_err(|source| TransferError::Tls {
+                machine: machine.clone(),
+                source,
+            })?;
+        // Whole chunks go to the socket in one piece rather than 64 KiB at a time.
+        conn.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
+        let hello = Hello {
+            version: PROTOCOL_VERSION,
+            migration: job.migration.clone(),
+            claim: job.claim.clone(),
+            action,
+        };
+        write_frame(&mut conn, &hello).await?;
+        match read_frame::<_, HelloReply>(&mut conn).await? {
+            HelloReply::Accepted(state) => Ok((conn, state)),
+            HelloReply::Refused { reason, message } => Err(TransferError::Refused {
+                machine,
+                reason,
+                message,
+            }),
+        }
+    }
+
+    /// Asks the target to promote or demote its copy of `job`'s volume; returns the
+    /// mountpoint of a promoted copy.
+    pub async fn request(
+        &self,
+        tcp: TcpStream,
+        job: &SendJob,
+        action: Action,
+    ) -> Result<Option<String>, TransferError> {
+        let (mut conn, _) = self.open(tcp, job, action, job.no_progress).await?;
+        let answer = tokio::time::timeout(job.no_progress, read_frame::<_, Outcome>(&mut conn))
+            .await
+            .map_err(|_| PumpError::Stalled(job.no_progress))??;
+        match answer {
+            Outcome::Promoted { mountpoint } => Ok(Some(mountpoint)),
+            Outcome::Demoted => Ok(None),
+            Outcome::Failed { reason, message } => Err(TransferError::Remote {
+                machine: job.target_machine.clone(),
+                reason,
+                message,
+            }),
+            Outcome::Received { .. } => Err(FrameError::Unexpected("Received".into()).into()),
+        }
     }
 
     /// Sends `job`, reconnecting with `connect` and retrying while the failure is one a new
@@ -317,6 +363,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
         &self,
         conn: &mut S,
         job: &SendJob,
+        target: &TargetState,
         args: &SendArgs,
         fallback_estimate: Option<u64>,
         progress: &Progress,
@@ -331,6 +378,24 @@ impl<Z: Zfs + 'static> Sender<Z> {
         progress
             .estimated_bytes
             .store(estimate.unwrap_or(0), Ordering::Relaxed);
+        if let (Some(needed), Some(available)) = (estimate, target.available)
+            && needed > available
+        {
+            let e = TransferError::NoRoom {
+                machine: job.target_machine.clone(),
+                dataset: target.dataset.clone(),
+                needed,
+                available,
+            };
+            let _ = write_frame(
+                conn,
+                &Offer::Nothing {
+                    reason: e.to_string(),
+                },
+            )
+            .await;
+            return Err(e);
+        }
         let offer = Offer::Stream {
             to: job.to.clone(),
             base: args.base.as_ref().map(|b| b.point().name.clone()),

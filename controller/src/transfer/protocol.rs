@@ -41,6 +41,21 @@ pub struct Hello {
     pub migration: MigrationKey,
     /// The PersistentVolumeClaim whose volume is sent.
     pub claim: String,
+    /// What the sender asks for; a receive unless said otherwise.
+    #[serde(default)]
+    pub action: Action,
+}
+
+/// What a source agent asks of the target agent for one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Action {
+    /// Receive a stream (then an `Offer` follows).
+    #[default]
+    Receive,
+    /// Cutover: make the received copy the live volume (writable, mounted).
+    Promote,
+    /// Rollback: make the copy a read-only ployz replica again.
+    Demote,
 }
 
 /// Why a receiver refuses a sender.
@@ -78,6 +93,9 @@ pub struct TargetState {
     pub resume_token: Option<String>,
     /// What the receiver's ZFS can do; the sender uses only what both sides have.
     pub capabilities: ZfsCapabilities,
+    /// Bytes the receive may write (the dataset's, or its parent's when it is new).
+    #[serde(default)]
+    pub available: Option<u64>,
 }
 
 /// Wire compression of the stream.
@@ -127,6 +145,12 @@ pub enum Outcome {
         reason: ReceiveFailure,
         message: String,
     },
+    /// Answer to [`Action::Promote`]: where the live volume is mounted.
+    Promoted {
+        mountpoint: String,
+    },
+    /// Answer to [`Action::Demote`].
+    Demoted,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +161,8 @@ pub enum FrameError {
     TooLarge(u32),
     #[error("malformed message: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("unexpected message {0}")]
+    Unexpected(String),
 }
 
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
@@ -180,6 +206,7 @@ mod tests {
                 name: "m".into(),
             },
             claim: "data".into(),
+            action: Action::Promote,
         };
         write_frame(&mut a, &hello)
             .await

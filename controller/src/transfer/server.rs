@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use super::authz::{Authorizer, Grant};
 use super::protocol::{
-    Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
+    Action, Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
     TargetState, WireCompression, read_frame, write_frame,
 };
 use super::pump::{PumpError, PumpOptions, recv_chunks};
@@ -206,6 +206,28 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             set: &self.active,
             dataset: dataset.clone(),
         };
+        if hello.action != Action::Receive {
+            let state = self.target_state(&dataset).await?;
+            let done = if state.exists {
+                self.change_role(&dataset, hello.action).await
+            } else {
+                Err(ZfsError::NotFound(dataset.to_string()).into())
+            };
+            write_frame(&mut conn, &HelloReply::Accepted(state)).await?;
+            let reply = match &done {
+                Ok(Some(mountpoint)) => Outcome::Promoted {
+                    mountpoint: mountpoint.clone(),
+                },
+                Ok(None) => Outcome::Demoted,
+                Err(e) => Outcome::Failed {
+                    reason: ReceiveFailure::Other,
+                    message: e.to_string(),
+                },
+            };
+            write_frame(&mut conn, &reply).await?;
+            info!(%peer, %dataset, action = ?hello.action, ok = done.is_ok(), "role change");
+            return done.map(drop);
+        }
         let state = self.target_state(&dataset).await?;
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
@@ -283,6 +305,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 ployz_replica: ds.is_ployz_replica(),
                 resume_token: ds.resume_token,
                 capabilities,
+                available: Some(ds.available),
             },
             None => TargetState {
                 dataset: dataset.to_string(),
@@ -291,6 +314,12 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 ployz_replica: false,
                 resume_token: None,
                 capabilities,
+                available: self
+                    .inspect(&self.config.parent)
+                    .await
+                    .ok()
+                    .flatten()
+                    .map(|p| p.available),
             },
         })
     }
@@ -369,6 +398,44 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             });
         }
         Ok(pumped?)
+    }
+
+    /// Promote: the copy becomes the live volume (writable, no longer a ployz replica,
+    /// mounted); returns its mountpoint. Demote: back to a read-only ployz replica. Both are
+    /// idempotent.
+    async fn change_role(
+        &self,
+        dataset: &DatasetName,
+        action: Action,
+    ) -> Result<Option<String>, ServerError> {
+        let name = dataset.as_str();
+        if action == Action::Demote {
+            self.zfs.set(name, PROP_REPLICA, "true").await?;
+            self.zfs.set(name, "readonly", "on").await?;
+            return Ok(None);
+        }
+        self.zfs.set(name, "readonly", "off").await?;
+        self.zfs.set(name, PROP_REPLICA, "false").await?;
+        // Remount: zfs-fuse can serve stale file contents after a receive into a mounted
+        // dataset (shared/notes/zfs-fuse.md). Not being mounted is fine.
+        let _ = self.zfs.unmount(dataset).await;
+        match self.zfs.mount(dataset).await {
+            Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => {}
+            other => other?,
+        }
+        let ds = self
+            .inspect(dataset)
+            .await?
+            .ok_or_else(|| ZfsError::NotFound(dataset.to_string()))?;
+        ds.mountpoint
+            .filter(|m| m.starts_with('/'))
+            .map(Some)
+            .ok_or_else(|| {
+                ServerError::Zfs(ZfsError::Failed {
+                    command: "zfs get mountpoint".into(),
+                    stderr: format!("{dataset} has no mountpoint to bind a volume to"),
+                })
+            })
     }
 
     /// Marks a newly received dataset as ployz's read-only replica.

@@ -9,7 +9,8 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::process::{Child, Command};
 
 use super::{
-    DatasetName, HOLD_TAG, Inventory, ReceiveArgs, SendArgs, SnapshotName, Zfs, ZfsError, parse,
+    DatasetName, HOLD_TAG, Inventory, ReceiveArgs, SendArgs, SnapshotName, Space, Zfs, ZfsError,
+    parse,
 };
 use crate::api::ZfsInfo;
 
@@ -136,6 +137,38 @@ impl Zfs for ZfsCli {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn space(&self, dataset: &DatasetName) -> Result<Space, ZfsError> {
+        let args = [
+            "get",
+            "-H",
+            "-p",
+            "-o",
+            "property,value",
+            "used,available,mountpoint",
+            dataset.as_str(),
+        ];
+        let out = self.run(&args).await?;
+        let mut space = Space::default();
+        for line in out.lines() {
+            let (prop, value) = line.split_once('\t').unwrap_or((line, ""));
+            let number = || {
+                value.parse::<u64>().map_err(|_| ZfsError::Parse {
+                    command: "zfs get".into(),
+                    detail: format!("{prop} of {dataset} is not a number: {value:?}"),
+                })
+            };
+            match prop {
+                "used" => space.used = number()?,
+                "available" => space.available = number()?,
+                "mountpoint" => {
+                    space.mountpoint = Some(value.to_string()).filter(|m| m.starts_with('/'))
+                }
+                _ => {}
+            }
+        }
+        Ok(space)
     }
 
     async fn inventory(&self, root: &DatasetName, info: &ZfsInfo) -> Result<Inventory, ZfsError> {

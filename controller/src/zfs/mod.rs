@@ -117,6 +117,14 @@ fn point(name: &str, guid: u64, createtxg: u64) -> base::Point {
     }
 }
 
+/// A dataset's space (bytes) and mountpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Space {
+    pub used: u64,
+    pub available: u64,
+    pub mountpoint: Option<String>,
+}
+
 /// Datasets below (and including) a root.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {
@@ -206,6 +214,8 @@ impl ReceiveArgs {
 pub trait Zfs: Send + Sync {
     /// Implementation and capabilities.
     fn info(&self) -> impl Future<Output = Result<ZfsInfo, ZfsError>> + Send;
+    /// One dataset's space and mountpoint, without its children.
+    fn space(&self, dataset: &DatasetName) -> impl Future<Output = Result<Space, ZfsError>> + Send;
     /// Datasets under `root` with snapshots (and bookmarks where supported).
     fn inventory(
         &self,

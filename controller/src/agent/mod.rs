@@ -1,0 +1,256 @@
+//! The per-node agent: publishes its Machine, serves the transfer endpoint, and reconciles the
+//! Migrations that concern its machine. The target's agent admits a Migration (plans it, locks
+//! the workload); the source's agent drives it through snapshot, send, cutover and rollback.
+
+mod http;
+mod machine;
+pub mod metrics;
+mod source;
+mod status;
+mod target;
+mod transfers;
+mod workload;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+use futures::StreamExt;
+use kube::api::{Api, ListParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::api::{Migration, ZfsInfo};
+use crate::transfer::authz::KubeAuthorizer;
+use crate::transfer::client::Sender;
+use crate::transfer::server::{Server, ServerConfig};
+use crate::transfer::tls::Identity;
+use crate::zfs::{DatasetName, Zfs, ZfsCli};
+
+/// Label naming the source machine of a planned Migration; the source agent watches it.
+pub const SOURCE_LABEL: &str = "ployz.dev/source";
+/// Finalizer that lets the source agent roll back a Migration deleted in flight.
+pub const FINALIZER: &str = "ployz.dev/rollback";
+/// Annotation on the workload naming the Migration that moves it (the per-workload lock).
+pub const LOCK_ANNOTATION: &str = "ployz.dev/migration";
+/// Field manager of everything the agent writes.
+pub const MANAGER: &str = "ployz-agent";
+
+/// Agent settings; every flag can also come from the environment.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Config {
+    /// The Kubernetes node this agent runs on.
+    #[arg(long, env = "PLOYZ_NODE_NAME")]
+    pub node_name: String,
+    /// Name of this machine's Machine resource (default: the node name).
+    #[arg(long, env = "PLOYZ_MACHINE_NAME")]
+    pub machine_name: Option<String>,
+    /// ZFS pool of the volumes.
+    #[arg(long, env = "PLOYZ_POOL")]
+    pub pool: String,
+    /// Dataset under which received volumes live (default: POOL/ployz).
+    #[arg(long, env = "PLOYZ_PARENT_DATASET")]
+    pub parent_dataset: Option<String>,
+    /// Address of the transfer endpoint.
+    #[arg(long, env = "PLOYZ_LISTEN", default_value = "0.0.0.0:7420")]
+    pub listen: SocketAddr,
+    /// `host:port` other agents connect to (default: the listen address).
+    #[arg(long, env = "PLOYZ_ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "PLOYZ_HTTP_LISTEN", default_value = "0.0.0.0:7421")]
+    pub http_listen: SocketAddr,
+    /// Cluster CA certificate (PEM) that signs every agent's certificate.
+    #[arg(long, env = "PLOYZ_TLS_CA")]
+    pub tls_ca: PathBuf,
+    /// This agent's certificate (PEM); its DNS name is the machine name.
+    #[arg(long, env = "PLOYZ_TLS_CERT")]
+    pub tls_cert: PathBuf,
+    #[arg(long, env = "PLOYZ_TLS_KEY")]
+    pub tls_key: PathBuf,
+    /// The `zfs` command.
+    #[arg(long, env = "PLOYZ_ZFS", default_value = "zfs")]
+    pub zfs: PathBuf,
+    /// Volume transfers this machine sends at the same time; more wait their turn.
+    #[arg(long, env = "PLOYZ_MAX_TRANSFERS", default_value_t = 2)]
+    pub max_transfers: usize,
+    /// Pre-copy repeats while a pass sends more than this many bytes (and the delta shrinks).
+    #[arg(long, env = "PLOYZ_PRECOPY_THRESHOLD", default_value_t = 64 << 20)]
+    pub precopy_threshold: u64,
+    /// Most pre-copy passes before the cutover.
+    #[arg(long, env = "PLOYZ_PRECOPY_PASSES", default_value_t = 5)]
+    pub precopy_passes: u32,
+    /// Seconds between Machine heartbeats.
+    #[arg(long, env = "PLOYZ_HEARTBEAT_SECONDS", default_value_t = 10)]
+    pub heartbeat_seconds: u64,
+    /// Namespace of OpenEBS zfs-localpv's ZFSVolumes.
+    #[arg(long, env = "PLOYZ_OPENEBS_NAMESPACE", default_value = "openebs")]
+    pub openebs_namespace: String,
+}
+
+impl Config {
+    pub fn machine(&self) -> &str {
+        self.machine_name.as_deref().unwrap_or(&self.node_name)
+    }
+
+    pub fn parent(&self) -> Result<DatasetName> {
+        let parent = match &self.parent_dataset {
+            Some(p) => p.clone(),
+            None => format!("{}/ployz", self.pool),
+        };
+        parent
+            .parse()
+            .with_context(|| format!("--parent-dataset {parent:?}"))
+    }
+}
+
+/// What every reconcile shares.
+pub struct Ctx {
+    pub client: Client,
+    pub config: Config,
+    pub machine: String,
+    pub parent: DatasetName,
+    pub zfs: Arc<ZfsCli>,
+    pub info: ZfsInfo,
+    pub sender: Arc<Sender<ZfsCli>>,
+    pub recorder: Recorder,
+    pub metrics: Arc<metrics::Metrics>,
+    pub transfers: transfers::Transfers,
+}
+
+impl std::fmt::Debug for Ctx {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("machine", &self.machine)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Errors of a reconcile: retried with backoff by the controller.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Zfs(#[from] crate::zfs::ZfsError),
+    #[error("{0}")]
+    Other(String),
+}
+
+fn error_policy(m: Arc<Migration>, e: &Error, _: Arc<Ctx>) -> Action {
+    warn!(migration = %m.name_any(), error = %e, "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(3))
+}
+
+/// Fails fast, with the fix, when the ployz CRDs are missing.
+async fn check_crds(client: &Client) -> Result<()> {
+    let api: Api<Migration> = Api::all(client.clone());
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => bail!(
+            "the ployz CRDs are not installed in this cluster (Migration {}/{} not found); install them with `kubectl apply -f crds/` or the Helm chart",
+            crate::api::GROUP,
+            crate::api::VERSION
+        ),
+        Err(e) => Err(e).context("listing Migrations"),
+    }
+}
+
+/// Runs the agent until a signal.
+pub async fn run(config: Config) -> Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    check_crds(&client).await?;
+    let machine = config.machine().to_string();
+    let parent = config.parent()?;
+    let zfs = Arc::new(ZfsCli::new(&config.zfs));
+    let info = zfs
+        .info()
+        .await
+        .with_context(|| format!("running {}", config.zfs.display()))?;
+    let identity = Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)
+        .context("loading the agent's TLS identity")?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let server = Arc::new(Server::new(
+        Arc::clone(&zfs),
+        info.clone(),
+        Arc::new(KubeAuthorizer {
+            client: client.clone(),
+            machine: machine.clone(),
+            parent: parent.clone(),
+        }),
+        identity.server_config()?,
+        ServerConfig {
+            parent: parent.clone(),
+            no_progress: Duration::from_secs(300),
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let http = http::serve(
+        config.http_listen,
+        http::Health {
+            metrics: Arc::clone(&metrics),
+            ready: Arc::clone(&ready),
+        },
+    );
+    let ctx = Arc::new(Ctx {
+        client: client.clone(),
+        machine: machine.clone(),
+        parent,
+        sender: Arc::new(Sender::new(
+            Arc::clone(&zfs),
+            info.clone(),
+            identity.client_config()?,
+        )),
+        zfs,
+        info,
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "ployz-agent".into(),
+                instance: Some(machine.clone()),
+            },
+        ),
+        transfers: transfers::Transfers::new(config.max_transfers, Arc::clone(&metrics)),
+        metrics: Arc::clone(&metrics),
+        config,
+    });
+    machine::publish(&ctx).await?;
+    ready.store(true, Ordering::Relaxed);
+    info!(%machine, "agent ready");
+
+    let api: Api<Migration> = Api::all(client.clone());
+    let as_target = Controller::new(
+        api.clone(),
+        watcher::Config::default().fields(&format!("spec.to={machine}")),
+    )
+    .shutdown_on_signal()
+    .run(target::reconcile, error_policy, Arc::clone(&ctx))
+    .for_each(|_| async {});
+    let as_source = Controller::new(
+        api,
+        watcher::Config::default().labels(&format!("{SOURCE_LABEL}={machine}")),
+    )
+    .shutdown_on_signal()
+    .run(source::reconcile, error_policy, Arc::clone(&ctx))
+    .for_each(|_| async {});
+    let received = Arc::clone(&server);
+    tokio::select! {
+        _ = async { futures::join!(as_target, as_source) } => info!("shutting down"),
+        r = Arc::clone(&server).serve(listener) => r.context("transfer endpoint")?,
+        r = http => r.context("health endpoint")?,
+        r = machine::heartbeat(Arc::clone(&ctx), received) => r?,
+    }
+    Ok(())
+}

@@ -1,0 +1,105 @@
+//! The target machine's side of a Migration: admission. A new Migration to this machine is
+//! planned (the same planner as `ployzctl migrate preview`), its workload locked, and handed
+//! to the source machine's agent by a label; or it fails with the planner's reason.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use super::status::{self, transition};
+use super::workload::Workload;
+use super::{Ctx, Error, FINALIZER, SOURCE_LABEL};
+use crate::api::{Migration, Phase, PreCopy};
+use crate::plan::{self, Reason, observe::observe};
+
+pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let phase = m.status.as_ref().and_then(|s| s.phase);
+    if m.metadata.deletion_timestamp.is_some() || !matches!(phase, None | Some(Phase::Pending)) {
+        return Ok(Action::await_change());
+    }
+    let ns = m.namespace().unwrap_or_default();
+    let name = m.name_any();
+    let obs = observe(&ctx.client, &ns, &ctx.config.openebs_namespace).await?;
+    let s = m.status.clone().unwrap_or_default();
+    let planned = match plan::plan(&obs, &m) {
+        Ok(p) => p,
+        // The source agent may just be starting: wait for it rather than fail.
+        Err(e) if e.reason == Reason::MachineNotReady => {
+            transition(&ctx, &m, s, Phase::Pending, e.reason.as_str(), &e.message).await?;
+            return Ok(Action::requeue(Duration::from_secs(5)));
+        }
+        Err(e) => {
+            transition(&ctx, &m, s, Phase::Failed, e.reason.as_str(), &e.message).await?;
+            return Ok(Action::await_change());
+        }
+    };
+    let workload = Workload::new(ctx.client.clone(), &ns, planned.plan.workload.clone());
+    let active = |holder: &str| {
+        obs.migrations.iter().any(|x| {
+            x.name_any() == holder
+                && !x
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(Phase::is_terminal)
+        })
+    };
+    if let Err(holder) = workload.lock(&name, active).await? {
+        let message = format!(
+            "Migration {holder} is already moving {} {}; wait for it to finish or delete it (`kubectl -n {ns} delete migration {holder}`)",
+            planned.plan.workload.kind, planned.plan.workload.name
+        );
+        transition(
+            &ctx,
+            &m,
+            s,
+            Phase::Failed,
+            Reason::DuplicateMigration.as_str(),
+            &message,
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    // The finalizer and the label first: from here on the source agent owns the Migration.
+    status::api(&ctx, &m)
+        .patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {
+                "labels": {SOURCE_LABEL: planned.plan.source},
+                "finalizers": [FINALIZER],
+            }})),
+        )
+        .await?;
+    let uid = m.uid().unwrap_or_default();
+    let mut s = s;
+    s.start_time = Some(status::now());
+    s.pre_copy = Some(PreCopy {
+        pass: 1,
+        snapshot: plan::snapshot_name(&uid, Some(1)),
+        pass_bytes: vec![],
+    });
+    let message = format!(
+        "moving {} {} and {} volume(s) from {} to {}",
+        planned.plan.workload.kind,
+        planned.plan.workload.name,
+        planned.plan.volumes.len(),
+        planned.plan.source,
+        planned.plan.target
+    );
+    s.plan = Some(planned.plan);
+    status::set_condition(
+        &mut s,
+        "Accepted",
+        "True",
+        "Planned",
+        &message,
+        m.metadata.generation,
+    );
+    transition(&ctx, &m, s, Phase::Snapshotting, "Planned", &message).await?;
+    Ok(Action::await_change())
+}

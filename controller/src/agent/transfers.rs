@@ -1,0 +1,243 @@
+//! Transfers in flight, one per Migration, run as tasks so a reconcile never blocks on a long
+//! send: it starts the task, then looks at its counters and result on later reconciles. A
+//! semaphore caps how many volumes this machine sends at once.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+
+use super::metrics::Metrics;
+use crate::transfer::Progress;
+use crate::transfer::client::{SendReport, TransferError};
+
+/// What a finished pass did, per volume (stream bytes).
+pub type PassResult = Result<Vec<u64>, TransferError>;
+
+/// One pass: every volume of a Migration brought to `snapshot`.
+pub struct Pass {
+    /// Snapshot the pass sends; a different snapshot is a different pass.
+    pub snapshot: String,
+    /// Per volume, in plan order.
+    pub progress: Vec<Arc<Progress>>,
+    /// Volumes waiting for a transfer slot.
+    pub waiting: Arc<std::sync::atomic::AtomicUsize>,
+    handle: JoinHandle<PassResult>,
+}
+
+pub struct Transfers {
+    slots: Arc<Semaphore>,
+    passes: Mutex<HashMap<String, Pass>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Transfers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Transfers").finish_non_exhaustive()
+    }
+}
+
+/// A snapshot of a pass's counters.
+#[derive(Debug, Clone, Default)]
+pub struct PassView {
+    pub sent: Vec<u64>,
+    pub estimated: Vec<Option<u64>>,
+    pub waiting: usize,
+}
+
+/// One volume's send, as the pass runs it.
+pub type SendFn = Arc<
+    dyn Fn(
+            usize,
+            Arc<Progress>,
+        ) -> futures::future::BoxFuture<'static, Result<SendReport, TransferError>>
+        + Send
+        + Sync,
+>;
+
+/// Counts a transfer as active while it lives (an aborted task drops it too).
+struct Active<'a>(&'a Metrics);
+
+impl<'a> Active<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.active_transfers.inc();
+        Self(m)
+    }
+}
+
+impl Drop for Active<'_> {
+    fn drop(&mut self) {
+        self.0.active_transfers.dec();
+    }
+}
+
+impl Transfers {
+    pub fn new(max: usize, metrics: Arc<Metrics>) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(max.max(1))),
+            passes: Mutex::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pass>> {
+        self.passes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counters of the running pass of `key` for `snapshot`, or `None` when there is none.
+    pub fn view(&self, key: &str, snapshot: &str) -> Option<PassView> {
+        let passes = self.lock();
+        let p = passes.get(key).filter(|p| p.snapshot == snapshot)?;
+        Some(PassView {
+            sent: p.progress.iter().map(|x| x.stream()).collect(),
+            estimated: p.progress.iter().map(|x| x.estimate()).collect(),
+            waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
+        })
+    }
+
+    /// The result of `key`'s pass for `snapshot` if it finished (and forgets it), or whether it
+    /// is still running.
+    pub fn poll(&self, key: &str, snapshot: &str) -> Option<Option<PassResult>> {
+        let mut passes = self.lock();
+        let p = passes.get(key)?;
+        if p.snapshot != snapshot {
+            // A stale pass (the Migration moved on): stop it.
+            if let Some(old) = passes.remove(key) {
+                old.handle.abort();
+            }
+            return None;
+        }
+        if !p.handle.is_finished() {
+            return Some(None);
+        }
+        let p = passes.remove(key)?;
+        let result = futures::FutureExt::now_or_never(p.handle).map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
+                    std::io::Error::other(format!("transfer task ended: {e}")),
+                )))
+            })
+        });
+        Some(result)
+    }
+
+    /// Starts a pass sending `volumes` volumes with `send`, one slot per volume.
+    pub fn start(&self, key: &str, snapshot: &str, volumes: usize, send: SendFn) {
+        let progress: Vec<Arc<Progress>> = (0..volumes)
+            .map(|_| Arc::new(Progress::default()))
+            .collect();
+        let waiting = Arc::new(std::sync::atomic::AtomicUsize::new(volumes));
+        let slots = Arc::clone(&self.slots);
+        let metrics = Arc::clone(&self.metrics);
+        let (task_progress, task_waiting) = (progress.clone(), Arc::clone(&waiting));
+        let handle = tokio::spawn(async move {
+            let mut bytes = vec![];
+            for (i, p) in task_progress.into_iter().enumerate() {
+                let _slot = slots.acquire().await.map_err(|e| {
+                    TransferError::Pump(crate::transfer::pump::PumpError::Net(
+                        std::io::Error::other(e),
+                    ))
+                })?;
+                task_waiting.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+                let _active = Active::new(&metrics);
+                let report = send(i, Arc::clone(&p)).await;
+                let sent = match report? {
+                    SendReport::UpToDate => 0,
+                    SendReport::Sent { stream_bytes, .. } => stream_bytes,
+                };
+                metrics.bytes_sent.inc_by(sent);
+                bytes.push(sent);
+            }
+            Ok(bytes)
+        });
+        let old = self.lock().insert(
+            key.to_string(),
+            Pass {
+                snapshot: snapshot.to_string(),
+                progress,
+                waiting,
+                handle,
+            },
+        );
+        if let Some(old) = old {
+            old.handle.abort();
+        }
+    }
+
+    /// Stops `key`'s pass, if any (cancel, rollback).
+    pub fn abort(&self, key: &str) {
+        if let Some(p) = self.lock().remove(key) {
+            p.handle.abort();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+
+    /// A send that records how many run at once and waits for `gate`.
+    fn send(
+        now: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+        gate: Arc<tokio::sync::Notify>,
+    ) -> SendFn {
+        Arc::new(move |_, _| {
+            let (now, peak, gate) = (Arc::clone(&now), Arc::clone(&peak), Arc::clone(&gate));
+            Box::pin(async move {
+                let n = now.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(n, Ordering::SeqCst);
+                gate.notified().await;
+                now.fetch_sub(1, Ordering::SeqCst);
+                Ok(SendReport::Sent {
+                    base: None,
+                    resumed: false,
+                    stream_bytes: 10,
+                    wire_bytes: 10,
+                })
+            })
+        })
+    }
+
+    #[tokio::test]
+    async fn passes_share_the_machine_s_transfer_slots() {
+        let t = Transfers::new(1, Arc::new(Metrics::default()));
+        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        t.start(
+            "m1",
+            "s1",
+            2,
+            send(Arc::clone(&now), Arc::clone(&peak), Arc::clone(&gate)),
+        );
+        t.start(
+            "m2",
+            "s1",
+            1,
+            send(Arc::clone(&now), Arc::clone(&peak), Arc::clone(&gate)),
+        );
+        let mut results = vec![];
+        while results.len() < 2 {
+            tokio::task::yield_now().await;
+            gate.notify_waiters();
+            for key in ["m1", "m2"] {
+                if let Some(Some(r)) = t.poll(key, "s1") {
+                    results.push(r.map_err(|e| e.to_string()));
+                }
+            }
+        }
+        assert_eq!(
+            peak.load(Ordering::SeqCst),
+            1,
+            "one slot, one transfer at a time"
+        );
+        assert!(results.contains(&Ok(vec![10, 10])) && results.contains(&Ok(vec![10])));
+        // A pass for another snapshot replaces (and stops) a stale one.
+        t.start("m3", "old", 1, send(now, peak, gate));
+        assert!(t.poll("m3", "new").is_none());
+        assert!(t.view("m3", "old").is_none());
+    }
+}

@@ -1,0 +1,256 @@
+use k8s_openapi::jiff::Timestamp;
+use serde_json::json;
+
+use super::rebind::{move_pv, pinning, pv_on_node};
+use super::resolve::local_dataset;
+use super::*;
+use crate::api::MigrationSpec;
+
+fn de<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> T {
+    serde_json::from_value(v).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn machine(name: &str, draining: bool, ready: bool) -> Machine {
+    de(json!({
+        "apiVersion": "ployz.dev/v1alpha1", "kind": "Machine",
+        "metadata": {"name": name},
+        "spec": {"nodeName": name, "pool": "tank", "parentDataset": "tank/ployz",
+                 "endpoint": "x:1", "draining": draining},
+        "status": {
+            "conditions": [{"type": "Ready", "status": if ready {"True"} else {"False"},
+                            "reason": "R", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+            "heartbeatTime": "2026-01-01T00:00:00Z",
+            "poolMountpoint": "/tank",
+            "zfs": {"implementation": "Legacy", "capabilities": {"resumeTokens": false,
+                "sizeEstimates": false, "compressedSend": false, "rawSend": false, "bookmarks": false}},
+        },
+    }))
+}
+
+fn pv(name: &str, node: &str, path: &str) -> PersistentVolume {
+    de(json!({
+        "metadata": {"name": name},
+        "spec": {"capacity": {"storage": "1Gi"}, "local": {"path": path},
+                 "claimRef": {"namespace": "ns", "name": "data", "uid": "u1", "resourceVersion": "7"},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}]}}},
+    }))
+}
+
+fn observed() -> Observed {
+    Observed {
+        namespace: "ns".into(),
+        openebs_namespace: "openebs".into(),
+        deployments: vec![de(json!({
+            "metadata": {"name": "web"},
+            "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "web"}},
+                     "template": {"metadata": {"labels": {"app": "web"}}, "spec": {
+                         "containers": [{"name": "c"}],
+                         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": "data"}},
+                                     {"name": "tmp", "emptyDir": {}}]}}},
+        }))],
+        services: vec![de(
+            json!({"metadata": {"name": "front"}, "spec": {"selector": {"app": "web"}}}),
+        )],
+        claims: vec![de(
+            json!({"metadata": {"name": "data"}, "spec": {"volumeName": "pv-1"}}),
+        )],
+        volumes: vec![pv("pv-1", "a", "/tank/ployz/pv-1")],
+        machines: vec![machine("a", false, true), machine("b", false, true)],
+        now: Some(
+            "2026-01-01T00:00:10Z"
+                .parse::<Timestamp>()
+                .unwrap_or_else(|e| panic!("{e}")),
+        ),
+        ..Observed::default()
+    }
+}
+
+fn migration(name: &str, service: &str, to: &str, from: Option<&str>) -> Migration {
+    let mut m = Migration::new(
+        name,
+        MigrationSpec {
+            service: service.into(),
+            to: to.into(),
+            from: from.map(Into::into),
+            transfer: None,
+            timeouts: None,
+            source_copy: None,
+        },
+    );
+    m.metadata.namespace = Some("ns".into());
+    m
+}
+
+fn reason(obs: &Observed, m: &Migration) -> Option<Reason> {
+    plan(obs, m).err().map(|e| e.reason)
+}
+
+#[test]
+fn plans_a_deployment_on_a_local_zfs_volume() {
+    let obs = observed();
+    let p = plan(&obs, &migration("m", "web", "b", None)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((p.plan.source.as_str(), p.plan.target.as_str()), ("a", "b"));
+    assert_eq!(p.plan.workload.kind, "Deployment");
+    assert_eq!(p.plan.volumes.len(), 1, "emptyDir is not a volume to move");
+    assert_eq!(p.plan.volumes[0].source_dataset, "tank/ployz/pv-1");
+    assert_eq!(p.plan.volumes[0].target_dataset, "tank/ployz/pv-1");
+    // A Service selecting exactly that Deployment names it too.
+    let via_service =
+        plan(&obs, &migration("m", "front", "b", None)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(via_service.plan, p.plan);
+}
+
+#[test]
+fn refuses_bad_requests_with_a_reason() {
+    let obs = observed();
+    assert_eq!(
+        reason(&obs, &migration("m", "nope", "b", None)),
+        Some(Reason::WorkloadNotFound)
+    );
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "c", None)),
+        Some(Reason::UnknownMachine)
+    );
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "a", None)),
+        Some(Reason::SameMachine)
+    );
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "b", Some("c"))),
+        Some(Reason::SourceMismatch)
+    );
+    let mut draining = obs.clone();
+    draining.machines[1] = machine("b", true, true);
+    assert_eq!(
+        reason(&draining, &migration("m", "web", "b", None)),
+        Some(Reason::TargetDraining)
+    );
+    let mut down = obs.clone();
+    down.machines[1] = machine("b", false, false);
+    assert_eq!(
+        reason(&down, &migration("m", "web", "b", None)),
+        Some(Reason::MachineNotReady)
+    );
+    let mut stale = obs.clone();
+    stale.now = Some(
+        "2026-01-01T01:00:00Z"
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}")),
+    );
+    assert_eq!(
+        reason(&stale, &migration("m", "web", "b", None)),
+        Some(Reason::MachineNotReady)
+    );
+    let mut nfs = obs.clone();
+    nfs.volumes = vec![de(
+        json!({"metadata": {"name": "pv-1"}, "spec": {"nfs": {"server": "x", "path": "/"}}}),
+    )];
+    assert_eq!(
+        reason(&nfs, &migration("m", "web", "b", None)),
+        Some(Reason::NotZfsVolume)
+    );
+    let mut outside = obs.clone();
+    outside.volumes = vec![pv("pv-1", "a", "/srv/data")];
+    assert_eq!(
+        reason(&outside, &migration("m", "web", "b", None)),
+        Some(Reason::NotZfsVolume)
+    );
+    let mut no_volumes = obs.clone();
+    no_volumes.deployments[0] = de(json!({"metadata": {"name": "web"}, "spec": {
+        "selector": {}, "template": {"spec": {"containers": [{"name": "c"}]}}}}));
+    assert_eq!(
+        reason(&no_volumes, &migration("m", "web", "b", None)),
+        Some(Reason::NoZfsVolumes)
+    );
+}
+
+#[test]
+fn one_active_migration_per_workload() {
+    let mut obs = observed();
+    let mut first = migration("first", "web", "b", None);
+    first.status = Some(crate::api::MigrationStatus {
+        phase: Some(Phase::Sending),
+        plan: Some(plan(&obs, &first).unwrap_or_else(|e| panic!("{e}")).plan),
+        ..Default::default()
+    });
+    obs.migrations = vec![first.clone()];
+    let second = migration("second", "web", "b", None);
+    let err = plan(&obs, &second)
+        .err()
+        .unwrap_or_else(|| panic!("planned a duplicate"));
+    assert_eq!(err.reason, Reason::DuplicateMigration);
+    assert!(err.message.contains("first"), "{}", err.message);
+    // A finished one does not count.
+    if let Some(s) = obs.migrations[0].status.as_mut() {
+        s.phase = Some(Phase::Succeeded);
+    }
+    assert!(plan(&obs, &second).is_ok());
+}
+
+#[test]
+fn local_paths_map_to_datasets_below_the_pool() {
+    assert_eq!(
+        local_dataset("tank", "/tank", "/tank/ployz/v"),
+        Some("tank/ployz/v".into())
+    );
+    assert_eq!(
+        local_dataset("tank", "/mnt/tank/", "/mnt/tank/v/"),
+        Some("tank/v".into())
+    );
+    assert_eq!(local_dataset("tank", "/tank", "/tank"), None);
+    assert_eq!(local_dataset("tank", "/tank", "/tankx/v"), None);
+    assert_eq!(local_dataset("tank", "/tank", "/tank/../etc"), None);
+}
+
+#[test]
+fn pre_copy_repeats_while_the_delta_is_big_and_shrinking() {
+    assert!(another_pass(&[], 10, 5));
+    assert!(another_pass(&[100], 10, 5));
+    assert!(!another_pass(&[5], 10, 5), "small enough");
+    assert!(another_pass(&[100, 50], 10, 5));
+    assert!(!another_pass(&[100, 120], 10, 5), "not shrinking");
+    assert!(!another_pass(&[100, 90, 80], 10, 3), "out of passes");
+    assert_eq!(
+        snapshot_name("1b2c-3d4e-5f60-7", Some(2)),
+        "ployz-1b2c3d4e-2"
+    );
+    assert_eq!(
+        snapshot_name("1b2c-3d4e-5f60-7", None),
+        "ployz-1b2c3d4e-final"
+    );
+}
+
+#[test]
+fn volumes_and_pinning_move_to_the_target() {
+    let old = pv("pv-1", "a", "/tank/ployz/pv-1");
+    let new = move_pv(&old, "a", "b", Some("/pool2/pv-1"));
+    assert!(pv_on_node(&new, "b") && !pv_on_node(&new, "a"));
+    let spec = new.spec.as_ref().unwrap_or_else(|| panic!("no spec"));
+    assert_eq!(
+        spec.local.as_ref().map(|l| l.path.as_str()),
+        Some("/pool2/pv-1")
+    );
+    let claim = spec
+        .claim_ref
+        .as_ref()
+        .unwrap_or_else(|| panic!("no claimRef"));
+    assert_eq!(
+        (claim.uid.as_deref(), claim.resource_version.as_deref()),
+        (Some("u1"), None)
+    );
+
+    let t: k8s_openapi::api::core::v1::PodTemplateSpec = de(json!({"spec": {"containers": [],
+        "nodeSelector": {"kubernetes.io/hostname": "a", "disk": "ssd"}}}));
+    let p = pinning(&t, "a", "b").unwrap_or_else(|| panic!("no pinning"));
+    assert_eq!(
+        p.to_target,
+        json!({"nodeSelector": {"kubernetes.io/hostname": "b"}})
+    );
+    assert_eq!(
+        p.original,
+        json!({"nodeSelector": {"kubernetes.io/hostname": "a"}})
+    );
+    let free: k8s_openapi::api::core::v1::PodTemplateSpec = de(json!({"spec": {"containers": []}}));
+    assert_eq!(pinning(&free, "a", "b"), None);
+}

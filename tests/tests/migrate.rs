@@ -1,0 +1,657 @@
+//! Migration suite: the agents (`ployz-controller` processes, one per machine, in the
+//! machine's namespaces) move real workloads between the two zfs-fuse machines through the
+//! real control plane. Every test asserts where the pods run, what the volumes hold, and what
+//! the Migration's status says.
+
+use std::process::ExitCode;
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::api::ListParams;
+use kube::api::{Api, DeleteParams, PostParams};
+use ployz::api::{Migration, Phase};
+use ployz::manifest::MigrationRequest;
+use ployz::names::{MachineName, ServiceRef};
+use ployz::plan::rebind::pv_on_node;
+use ployz_e2e::agents::{AGENT_HTTP_PORT, Agent, AgentCa, agent_binary, connect_from};
+use ployz_e2e::env::{Env, Options};
+use ployz_e2e::k8s::{self, LocalVolume};
+use ployz_e2e::machine::ZfsMachine;
+use ployz_e2e::wait::until;
+
+const A: &str = "machine-a";
+const B: &str = "machine-b";
+const OPENEBS: &str = "openebs";
+const DONE: Duration = Duration::from_secs(180);
+
+fn main() -> ExitCode {
+    ployz_e2e::suite::run(
+        Options::new("migrate"),
+        &[
+            ("agent_without_crds_fails_fast", agent_without_crds),
+            (
+                "deployment_moves_to_b_and_back_with_only_the_delta",
+                deployment_moves_and_back,
+            ),
+            ("statefulset_with_two_volumes_moves", statefulset_moves),
+            ("zfs_localpv_volume_moves", zfs_localpv_moves),
+            ("refusals_leave_the_workload_untouched", refusals),
+            ("target_without_room_fails_cleanly", no_room),
+            (
+                "duplicate_refused_and_deleting_mid_send_cancels",
+                duplicate_and_cancel,
+            ),
+            (
+                "source_agent_killed_mid_send_resumes_and_completes",
+                source_agent_killed,
+            ),
+        ],
+    )
+}
+
+/// The agents, started once for the suite; a test may replace one.
+struct Agents {
+    ca: AgentCa,
+    running: Mutex<Vec<Agent>>,
+}
+
+fn agents(env: &Env) -> Result<&'static Agents> {
+    static AGENTS: OnceLock<Agents> = OnceLock::new();
+    if let Some(a) = AGENTS.get() {
+        return Ok(a);
+    }
+    env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
+    env.block_on(k8s::install_crds(
+        &env.client,
+        &env.root.join("tests/fixtures/openebs"),
+    ))?;
+    env.block_on(k8s::create_namespace(&env.client, OPENEBS))?;
+    let ca = AgentCa::new("ployz-agents")?;
+    let running = vec![start_agent(env, &ca, A)?, start_agent(env, &ca, B)?];
+    Ok(AGENTS.get_or_init(|| Agents {
+        ca,
+        running: Mutex::new(running),
+    }))
+}
+
+fn start_agent(env: &Env, ca: &AgentCa, machine: &str) -> Result<Agent> {
+    Agent::start(
+        env,
+        ca,
+        machine,
+        &[
+            "--openebs-namespace",
+            OPENEBS,
+            "--precopy-threshold",
+            "1048576",
+        ],
+    )
+}
+
+/// A namespace with a Deployment `web` on a local ZFS volume on machine-a, Ready there, with
+/// `mib` MiB of files in it.
+fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<LocalVolume> {
+    agents(env)?;
+    let a = env.machine(A)?;
+    env.block_on(k8s::create_namespace(&env.client, ns))?;
+    let vol = env.block_on(k8s::create_local_volume(&env.client, a, ns, "data"))?;
+    write_files(a, &vol.path, "before", mib)?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    Ok(vol)
+}
+
+/// `count` files of 1 MiB of random data named PREFIX-N in `dir` on machine `m`.
+fn write_files(m: &ZfsMachine, dir: &str, prefix: &str, count: u32) -> Result<()> {
+    m.sh(&format!(
+        "cd '{dir}' && for i in $(seq 1 {count}); do head -c 1048576 /dev/urandom > {prefix}-$i; done && sync"
+    ))?;
+    Ok(())
+}
+
+struct Request<'a> {
+    ns: &'a str,
+    name: &'a str,
+    service: &'a str,
+    to: &'a str,
+    from: Option<&'a str>,
+    bandwidth: Option<&'a str>,
+}
+
+impl<'a> Request<'a> {
+    fn new(ns: &'a str, name: &'a str, to: &'a str) -> Self {
+        Self {
+            ns,
+            name,
+            service: "web",
+            to,
+            from: None,
+            bandwidth: None,
+        }
+    }
+}
+
+/// Creates the Migration `ployzctl migrate render-manifest` would render for `r`.
+fn migrate(env: &Env, r: &Request) -> Result<()> {
+    let mut req = MigrationRequest::new(
+        format!("{}/{}", r.ns, r.service).parse::<ServiceRef>()?,
+        r.to.parse::<MachineName>()?,
+    );
+    req.name = Some(r.name.into());
+    req.from = r.from.map(str::parse::<MachineName>).transpose()?;
+    req.bandwidth_limit = r.bandwidth.map(|b| Quantity(b.into()));
+    let m = req.to_migration()?;
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), r.ns);
+    env.block_on(api.create(&PostParams::default(), &m))?;
+    Ok(())
+}
+
+fn get(env: &Env, ns: &str, name: &str) -> Result<Migration> {
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    Ok(env.block_on(api.get(name))?)
+}
+
+fn phase(m: &Migration) -> Option<Phase> {
+    m.status.as_ref().and_then(|s| s.phase)
+}
+
+/// Waits until the Migration satisfies `pred`; fails at once if it ends otherwise.
+fn wait_migration(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    what: &str,
+    timeout: Duration,
+    pred: impl Fn(&Migration) -> bool,
+) -> Result<Migration> {
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    let m = env.block_on(until(
+        &format!("Migration {ns}/{name} {what}"),
+        timeout,
+        || {
+            let api = api.clone();
+            let pred = &pred;
+            async move {
+                let m = api.get(name).await?;
+                let ended = phase(&m).is_some_and(Phase::is_terminal);
+                Ok((pred(&m) || ended).then_some(m))
+            }
+        },
+    ))?;
+    if !pred(&m) {
+        let s = m.status.clone().unwrap_or_default();
+        bail!(
+            "Migration {ns}/{name} ended {:?} ({}) instead of {what}: {}",
+            s.phase,
+            s.reason.unwrap_or_default(),
+            s.message.unwrap_or_default()
+        );
+    }
+    Ok(m)
+}
+
+fn wait_phase(env: &Env, ns: &str, name: &str, want: Phase) -> Result<Migration> {
+    wait_migration(env, ns, name, &format!("{want:?}"), DONE, |m| {
+        phase(m) == Some(want)
+    })
+}
+
+/// Asserts a Migration that moved the workload: phases, downtime, bytes.
+fn assert_succeeded(m: &Migration) -> Result<u64> {
+    let s = m.status.clone().unwrap_or_default();
+    let phases: Vec<Phase> = s.phase_transitions.iter().map(|t| t.phase).collect();
+    for p in [
+        Phase::Snapshotting,
+        Phase::Sending,
+        Phase::CuttingOver,
+        Phase::Succeeded,
+    ] {
+        ensure!(phases.contains(&p), "phase {p:?} missing from {phases:?}");
+    }
+    let downtime = s.downtime_milliseconds.context("no downtime recorded")?;
+    ensure!(downtime > 0, "downtime {downtime} ms");
+    ensure!(
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Succeeded" && c.status == "True"),
+        "Succeeded condition not True: {:?}",
+        s.conditions
+    );
+    Ok(s.pre_copy.map_or(0, |p| p.pass_bytes.iter().sum()))
+}
+
+/// The PV is bound to `node` and the pods run Ready there.
+fn assert_on(env: &Env, ns: &str, pv: &str, selector: &str, node: &str) -> Result<()> {
+    let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+    let p = env.block_on(pvs.get(pv))?;
+    ensure!(pv_on_node(&p, node), "PV {pv} is not pinned to {node}");
+    env.block_on(k8s::wait_ready_on(&env.client, ns, selector, node, 1))
+}
+
+fn mountpoint(m: &ZfsMachine, dataset: &str) -> Result<String> {
+    Ok(m.zfs(&["get", "-H", "-o", "value", "mountpoint", dataset])?
+        .trim()
+        .to_string())
+}
+
+fn prop(m: &ZfsMachine, dataset: &str, prop: &str) -> Result<String> {
+    Ok(m.zfs(&["get", "-H", "-o", "value", prop, dataset])?
+        .trim()
+        .to_string())
+}
+
+fn lock_holder(env: &Env, ns: &str) -> Result<Option<String>> {
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
+    let d = env.block_on(api.get("web"))?;
+    Ok(d.metadata
+        .annotations
+        .and_then(|a| a.get("ployz.dev/migration").cloned()))
+}
+
+fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
+    let ns = "mig-deploy";
+    let vol = deployment_on_a(env, ns, 24)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    // Rate-limited, so that files written below land during pre-copy.
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("8Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_phase(env, ns, "web-to-b", Phase::Sending)?;
+    write_files(a, &vol.path, "during", 2)?;
+    let m = get(env, ns, "web-to-b")?;
+    ensure!(
+        phase(&m) == Some(Phase::Sending),
+        "pre-copy ended before the writes: {:?}",
+        phase(&m)
+    );
+    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+    let there = assert_succeeded(&m)?;
+    ensure!(there > 24 << 20, "first move sent only {there} bytes");
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let on_b = mountpoint(b, &vol.dataset)?;
+    ensure!(
+        a.checksums(&vol.path)? == b.checksums(&on_b)?,
+        "checksums differ after the move"
+    );
+    ensure!(
+        a.checksums(&vol.path)?.lines().count() == 26,
+        "not every file is there"
+    );
+    ensure!(prop(a, &vol.dataset, "ployz:replica")? == "true");
+    ensure!(
+        a.sh(&format!("touch '{}/x'", vol.path)).is_err(),
+        "the source copy is still writable"
+    );
+    ensure!(
+        lock_holder(env, ns)?.is_none(),
+        "the workload is still locked"
+    );
+
+    // The app writes on b; moving back sends only that.
+    write_files(b, &on_b, "on-b", 1)?;
+    migrate(env, &Request::new(ns, "web-to-a", A))?;
+    let back = wait_phase(env, ns, "web-to-a", Phase::Succeeded)?;
+    let delta = assert_succeeded(&back)?;
+    ensure!(
+        delta > 1 << 20 && delta < 4 << 20,
+        "moving back sent {delta} bytes, expected about the 1 MiB written on b (first move: {there})"
+    );
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+    ensure!(
+        a.checksums(&vol.path)? == b.checksums(&on_b)?,
+        "checksums differ after moving back"
+    );
+    eprintln!("    moved there: {there} bytes; back: {delta} bytes");
+
+    // Reported: an Event per phase change, and the agents' metrics.
+    let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    let reasons: Vec<String> = env
+        .block_on(events.list(&ListParams::default()))?
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-to-b"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in ["Planned", "PreCopyDone", "Succeeded"] {
+        ensure!(
+            reasons.iter().any(|r| r == want),
+            "no {want} event in {reasons:?}"
+        );
+    }
+    let metrics = http_get(env, A, "/metrics")?;
+    ensure!(
+        metrics.contains("ployz_migrations_total{result=\"Succeeded\"} 1"),
+        "machine-a's metrics do not count the migration it drove:\n{metrics}"
+    );
+    ensure!(
+        metrics.contains("ployz_downtime_seconds_count 1"),
+        "{metrics}"
+    );
+    ensure!(http_get(env, B, "/readyz")?.ends_with("ready"));
+    Ok(())
+}
+
+/// An HTTP GET to an agent's health port, from inside the machine's network.
+fn http_get(env: &Env, machine: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let m = env.machine(machine)?;
+    let addr = std::net::SocketAddr::from((m.ip(), AGENT_HTTP_PORT));
+    let net = m.net.clone();
+    env.block_on(async move {
+        let mut tcp = connect_from(net, addr).await?;
+        tcp.write_all(format!("GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").as_bytes())
+            .await?;
+        let mut body = String::new();
+        tcp.read_to_string(&mut body).await?;
+        ensure!(
+            body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+            "{body}"
+        );
+        Ok(body.trim_end().to_string())
+    })
+}
+
+/// Without the CRDs the agent exits at once and says how to install them.
+fn agent_without_crds(env: &mut Env) -> Result<()> {
+    let a = env.machine(A)?;
+    let bin = agent_binary(&env.root)?;
+    let dir = env.state.join("no-crds");
+    let tls = AgentCa::new("no-crds")?.write_identity(A, &dir)?;
+    let mut cmd = a.command(&bin.to_string_lossy());
+    cmd.args([
+        "--node-name",
+        A,
+        "--pool",
+        "tank",
+        "--http-listen",
+        "198.18.0.11:7499",
+    ])
+    .args(["--listen", "198.18.0.11:7498"])
+    .arg("--tls-ca")
+    .arg(&tls.ca)
+    .arg("--tls-cert")
+    .arg(&tls.cert)
+    .arg("--tls-key")
+    .arg(&tls.key)
+    .env("KUBECONFIG", env.kubeconfig()?);
+    let out = cmd.output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(!out.status.success(), "the agent ran without CRDs");
+    ensure!(
+        stderr.contains("CRDs are not installed") && stderr.contains("kubectl apply -f crds/"),
+        "unclear error: {stderr}"
+    );
+    Ok(())
+}
+
+fn statefulset_moves(env: &mut Env) -> Result<()> {
+    let ns = "mig-sts";
+    agents(env)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    env.block_on(k8s::create_namespace(&env.client, ns))?;
+    let mut vols = vec![];
+    for claim in ["data-db-0", "logs-db-0"] {
+        let v = env.block_on(k8s::create_local_volume(&env.client, a, ns, claim))?;
+        write_files(a, &v.path, claim, 3)?;
+        vols.push(v);
+    }
+    env.block_on(k8s::create_statefulset(
+        &env.client,
+        ns,
+        "db",
+        &["data", "logs"],
+    ))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=db", A, 1))?;
+    migrate(
+        env,
+        &Request {
+            service: "db",
+            ..Request::new(ns, "db-to-b", B)
+        },
+    )?;
+    let m = wait_phase(env, ns, "db-to-b", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    let plan = m.status.and_then(|s| s.plan).context("no plan")?;
+    ensure!(plan.workload.kind == "StatefulSet");
+    ensure!(plan.volumes.len() == 2, "{:?}", plan.volumes);
+    for v in &vols {
+        assert_on(env, ns, &v.pv, "app=db", B)?;
+        ensure!(
+            a.checksums(&v.path)? == b.checksums(&mountpoint(b, &v.dataset)?)?,
+            "{} differs",
+            v.claim
+        );
+    }
+    Ok(())
+}
+
+fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
+    let ns = "mig-zfspv";
+    agents(env)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    env.block_on(k8s::create_namespace(&env.client, ns))?;
+    let vol = env.block_on(k8s::create_zfs_localpv_volume(
+        &env.client,
+        a,
+        ns,
+        "data",
+        OPENEBS,
+    ))?;
+    write_files(a, &vol.path, "zv", 4)?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    migrate(env, &Request::new(ns, "web-to-b", B))?;
+    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let zvs: Api<ployz::openebs::ZFSVolume> = Api::namespaced(env.client.clone(), OPENEBS);
+    let zv = env.block_on(zvs.get(&vol.pv))?;
+    ensure!(
+        zv.spec.owner_node_id == B,
+        "ZFSVolume owner is {}",
+        zv.spec.owner_node_id
+    );
+    ensure!(
+        a.checksums(&vol.path)? == b.checksums(&mountpoint(b, &vol.dataset)?)?,
+        "checksums differ"
+    );
+    Ok(())
+}
+
+/// A failed Migration with `reason`; the workload still runs on machine-a, unlocked.
+fn assert_failed_untouched(env: &Env, ns: &str, name: &str, reason: &str) -> Result<()> {
+    let m = wait_migration(env, ns, name, "Failed", DONE, |m| {
+        phase(m) == Some(Phase::Failed)
+    })?;
+    let s = m.status.unwrap_or_default();
+    ensure!(
+        s.reason.as_deref() == Some(reason),
+        "reason {:?} ({}), expected {reason}",
+        s.reason,
+        s.message.unwrap_or_default()
+    );
+    let message = s.message.unwrap_or_default();
+    ensure!(message.len() > 20, "message too thin: {message:?}");
+    eprintln!("    {reason}: {message}");
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    ensure!(
+        lock_holder(env, ns)? != Some(name.to_string()),
+        "the failed migration still locks the workload"
+    );
+    Ok(())
+}
+
+fn refusals(env: &mut Env) -> Result<()> {
+    let ns = "mig-refuse";
+    let vol = deployment_on_a(env, ns, 1)?;
+    let before = env.machine(A)?.checksums(&vol.path)?;
+    // With two machines, a wrong `from` names the target (from = to is refused by the API).
+    migrate(
+        env,
+        &Request {
+            from: Some(B),
+            ..Request::new(ns, "wrong-from", A)
+        },
+    )?;
+    assert_failed_untouched(env, ns, "wrong-from", "SourceMismatch")?;
+    migrate(
+        env,
+        &Request {
+            service: "nothing",
+            ..Request::new(ns, "no-workload", B)
+        },
+    )?;
+    let m = wait_migration(env, ns, "no-workload", "Failed", DONE, |m| {
+        phase(m) == Some(Phase::Failed)
+    })?;
+    ensure!(
+        m.status.and_then(|s| s.reason).as_deref() == Some("WorkloadNotFound"),
+        "expected WorkloadNotFound"
+    );
+    ensure!(
+        env.machine(A)?.checksums(&vol.path)? == before,
+        "the volume changed"
+    );
+    Ok(())
+}
+
+fn no_room(env: &mut Env) -> Result<()> {
+    let ns = "mig-room";
+    let vol = deployment_on_a(env, ns, 48)?;
+    let b = env.machine(B)?;
+    // Leave machine-b less room than the volume holds.
+    let avail: u64 = b
+        .zfs(&["get", "-H", "-p", "-o", "value", "available", "tank"])?
+        .trim()
+        .parse()?;
+    let reserve = avail.saturating_sub(16 << 20);
+    b.zfs(&[
+        "create",
+        "-o",
+        "mountpoint=none",
+        "-o",
+        &format!("reservation={reserve}"),
+        "tank/filler",
+    ])?;
+    let outcome = (|| {
+        migrate(env, &Request::new(ns, "web-to-b", B))?;
+        assert_failed_untouched(env, ns, "web-to-b", "InsufficientSpace")?;
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        ensure!(pv_on_node(&env.block_on(pvs.get(&vol.pv))?, A));
+        ensure!(
+            b.zfs(&["list", "-H", "-o", "name", &vol.dataset]).is_err(),
+            "a partial dataset was left on machine-b"
+        );
+        Ok(())
+    })();
+    b.zfs(&["destroy", "tank/filler"])?;
+    outcome
+}
+
+fn duplicate_and_cancel(env: &mut Env) -> Result<()> {
+    let ns = "mig-cancel";
+    let vol = deployment_on_a(env, ns, 16)?;
+    let a = env.machine(A)?;
+    let before = a.checksums(&vol.path)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("1Mi"),
+            ..Request::new(ns, "slow", B)
+        },
+    )?;
+    wait_migration(env, ns, "slow", "sending bytes", DONE, |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.bytes_sent > 0)
+    })?;
+    migrate(env, &Request::new(ns, "second", B))?;
+    let second = wait_migration(env, ns, "second", "Failed", DONE, |m| {
+        phase(m) == Some(Phase::Failed)
+    })?;
+    let s = second.status.unwrap_or_default();
+    ensure!(
+        s.reason.as_deref() == Some("DuplicateMigration"),
+        "{:?}",
+        s.reason
+    );
+    ensure!(
+        s.message.unwrap_or_default().contains("slow"),
+        "the refusal does not name the active migration"
+    );
+    ensure!(lock_holder(env, ns)?.as_deref() == Some("slow"));
+
+    // Deleting the active one mid-send cancels it: the finalizer holds the object until the
+    // rollback is done.
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    env.block_on(api.delete("slow", &DeleteParams::default()))?;
+    env.block_on(until("Migration slow gone", DONE, || {
+        let api = api.clone();
+        async move { Ok(api.get_opt("slow").await?.is_none().then_some(())) }
+    }))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    ensure!(lock_holder(env, ns)?.is_none(), "still locked");
+    let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+    ensure!(pv_on_node(&env.block_on(pvs.get(&vol.pv))?, A));
+    ensure!(a.checksums(&vol.path)? == before, "the source changed");
+    a.sh(&format!(
+        "touch '{}/still-writable' && rm '{0}/still-writable'",
+        vol.path
+    ))
+    .context("the source copy is not writable after the cancel")?;
+    Ok(())
+}
+
+fn source_agent_killed(env: &mut Env) -> Result<()> {
+    let ns = "mig-kill";
+    let vol = deployment_on_a(env, ns, 32)?;
+    let ag = agents(env)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("4Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_migration(env, ns, "web-to-b", "a quarter sent", DONE, |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.bytes_sent > 8 << 20)
+    })?;
+    {
+        let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+        let i = running
+            .iter()
+            .position(|x| x.machine == A)
+            .context("no agent on machine-a")?;
+        let old = running.remove(i);
+        old.kill();
+        let m = get(env, ns, "web-to-b")?;
+        ensure!(
+            phase(&m) == Some(Phase::Sending),
+            "killed in {:?}, not mid-send",
+            phase(&m)
+        );
+        running.push(start_agent(env, &ag.ca, A)?);
+    }
+    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    ensure!(
+        a.checksums(&vol.path)? == b.checksums(&mountpoint(b, &vol.dataset)?)?,
+        "checksums differ"
+    );
+    Ok(())
+}
