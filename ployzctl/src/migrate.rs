@@ -183,6 +183,7 @@ pub async fn follow(api: Api<Migration>, name: &str, format: Format) -> Result<S
                 .clone()
                 .map_or_else(Timestamp::now, |t| t.0)
         });
+        let seen = printed;
         for t in s.phase_transitions.iter().skip(printed) {
             printed += 1;
             if human {
@@ -201,7 +202,8 @@ pub async fn follow(api: Api<Migration>, name: &str, format: Format) -> Result<S
         }
         if let Some(summary) = s.progress.as_ref().and_then(|p| p.summary.clone())
             && human
-            && !s.phase.is_some_and(Phase::is_terminal)
+            && printed == seen
+            && matches!(s.phase, Some(Phase::Sending | Phase::CuttingOver))
         {
             let due = last_progress
                 .as_ref()

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -179,7 +179,9 @@ async fn pass(
         Some(Some(result)) => return Ok(finished(result)),
         Some(None) => {}
         None => {
+            // Progress shows from the next look on; right now the pass is only starting.
             start_pass(ctx, m, plan, snapshot).await?;
+            return Ok(PassState::Running);
         }
     }
     if let Some(view) = ctx.transfers.view(&key, snapshot) {
@@ -486,6 +488,11 @@ async fn cutover(
             c.step = CutoverStep::Rebound;
         }
         CutoverStep::Rebound => {
+            // A pod created while its claim is still re-binding is unschedulable and waits
+            // out the scheduler's backoff: start it once every claim is Bound again.
+            if !claims_bound(ctx, m, plan).await? {
+                return Ok(Action::requeue(Duration::from_millis(300)));
+            }
             w.scale(c.original_replicas).await?;
             c.step = CutoverStep::ScaledUp;
         }
@@ -506,9 +513,47 @@ async fn cutover(
             return succeed(ctx, m, s, plan, &c, &w).await;
         }
     }
+    info!(migration = %key(m), step = ?c.step, elapsed_ms = elapsed_ms(&c.started), "cutover step done");
     s.cutover = Some(c);
     status::write(ctx, m, &s).await?;
     Ok(requeue_now())
+}
+
+fn elapsed_ms(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
+    k8s_openapi::jiff::Timestamp::now()
+        .duration_since(since.0)
+        .as_millis() as i64
+}
+
+async fn claims_bound(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<bool, Error> {
+    let claims: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    for v in &plan.volumes {
+        let claim = claims.get(&v.claim).await?;
+        let pv = pvs.get(&v.volume).await?;
+        let claim_phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+        let pv_phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
+        if claim_phase == Some("Lost") {
+            // The claim was seen without its PV while the PV was re-created. The PV
+            // controller re-binds a Lost claim only on its periodic resync (15 s by default)
+            // or when the claim changes; touch it so that happens now.
+            claims
+                .patch(
+                    &v.claim,
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"metadata": {"annotations": {
+                        "ployz.dev/rebound": k8s_openapi::jiff::Timestamp::now().to_string(),
+                    }}})),
+                )
+                .await?;
+            return Ok(false);
+        }
+        if claim_phase != Some("Bound") || pv_phase != Some("Bound") {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 async fn target_parent(ctx: &Ctx, plan: &MigrationPlan) -> Result<String, Error> {
@@ -680,9 +725,9 @@ async fn succeed(
             "kept as a read-only replica"
         }
     );
-    if let Some(p) = s.progress.as_mut() {
-        p.summary = Some(format!("done: {}", super::machine::human_bytes(sent)));
-    }
+    let progress = s.progress.get_or_insert_with(Default::default);
+    progress.bytes_sent = sent;
+    progress.summary = Some(format!("done: {}", super::machine::human_bytes(sent)));
     let s = transition(ctx, m, s, Phase::Succeeded, "Succeeded", &message).await?;
     ctx.metrics
         .downtime_seconds
