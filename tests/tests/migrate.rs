@@ -41,6 +41,10 @@ fn main() -> ExitCode {
             ("statefulset_with_two_volumes_moves", statefulset_moves),
             ("zfs_localpv_volume_moves", zfs_localpv_moves),
             ("refusals_leave_the_workload_untouched", refusals),
+            (
+                "ployzctl_preview_machine_ls_and_drain",
+                ployzctl_preview_and_drain,
+            ),
             ("target_without_room_fails_cleanly", no_room),
             (
                 "duplicate_refused_and_deleting_mid_send_cancels",
@@ -652,6 +656,109 @@ fn source_agent_killed(env: &mut Env) -> Result<()> {
     ensure!(
         a.checksums(&vol.path)? == b.checksums(&mountpoint(b, &vol.dataset)?)?,
         "checksums differ"
+    );
+    Ok(())
+}
+
+/// `ployzctl` against the live cluster, as a user runs it.
+fn ployzctl(env: &Env, args: &[&str]) -> Result<std::process::Output> {
+    let bin = agent_binary(&env.root)?.with_file_name("ployzctl");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    ployz_e2e::process::run(
+        std::process::Command::new(cargo)
+            .current_dir(&env.root)
+            .args(["build", "-q", "-p", "ployzctl"]),
+    )?;
+    Ok(std::process::Command::new(bin)
+        .args(args)
+        .env("KUBECONFIG", env.kubeconfig()?)
+        .output()?)
+}
+
+fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
+    let ns = "mig-cli";
+    let vol = deployment_on_a(env, ns, 1)?;
+    let out = ployzctl(
+        env,
+        &[
+            "--json",
+            "migrate",
+            "preview",
+            &format!("{ns}/web"),
+            "--to",
+            B,
+        ],
+    )?;
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let preview: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        preview["plan"]["source"] == A && preview["plan"]["target"] == B,
+        "{preview}"
+    );
+    ensure!(
+        preview["plan"]["volumes"][0]["sourceDataset"] == vol.dataset.as_str(),
+        "{preview}"
+    );
+    // A dry run changes nothing.
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    ensure!(
+        env.block_on(api.list(&ListParams::default()))?
+            .items
+            .is_empty()
+    );
+
+    let ls = ployzctl(env, &["machine", "ls"])?;
+    let text = String::from_utf8_lossy(&ls.stdout);
+    ensure!(
+        ls.status.success() && text.contains(A) && text.contains(B),
+        "{text}"
+    );
+
+    let drain = ployzctl(env, &["machine", "drain", B])?;
+    ensure!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let refused = ployzctl(
+        env,
+        &["migrate", "preview", &format!("{ns}/web"), "--to", B],
+    )?;
+    let err = String::from_utf8_lossy(&refused.stderr);
+    ensure!(
+        refused.status.code() == Some(1) && err.contains("draining") && err.contains("--undo"),
+        "preview of a move to a draining machine: {err}"
+    );
+    migrate(env, &Request::new(ns, "to-drained", B))?;
+    assert_failed_untouched(env, ns, "to-drained", "TargetDraining")?;
+    let undo = ployzctl(env, &["machine", "drain", B, "--undo"])?;
+    ensure!(
+        undo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&undo.stderr)
+    );
+    // The agent's heartbeat keeps its own fields and leaves `draining` to ployzctl.
+    let machines: Api<ployz::api::Machine> = Api::all(env.client.clone());
+    ensure!(!env.block_on(machines.get(B))?.spec.draining);
+
+    let unknown = ployzctl(
+        env,
+        &[
+            "migrate",
+            "preview",
+            &format!("{ns}/web"),
+            "--to",
+            "machine-z",
+        ],
+    )?;
+    let err = String::from_utf8_lossy(&unknown.stderr);
+    ensure!(
+        err.contains("machine-z") && err.contains("machine ls"),
+        "unknown machine: {err}"
     );
     Ok(())
 }
