@@ -152,9 +152,17 @@ fn cluster_commands_without_a_cluster_say_how_to_configure_one() {
         .output()
         .unwrap_or_else(|e| panic!("running ployzctl: {e}"));
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    assert!(stderr(&o).contains("/nonexistent/kubeconfig"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("/nonexistent/kubeconfig"),
+        "{}",
+        stderr(&o)
+    );
     // Bad input is still a usage error, found before any cluster is needed.
     let bad = ployzctl(&["migrate", "apply", "web", "--to", "machine-b"]);
     assert_eq!(bad.status.code(), Some(2), "{}", stderr(&bad));
-    assert!(stderr(&bad).contains("NAMESPACE/SERVICE"), "{}", stderr(&bad));
+    assert!(
+        stderr(&bad).contains("NAMESPACE/SERVICE"),
+        "{}",
+        stderr(&bad)
+    );
 }

@@ -256,20 +256,22 @@ impl AgentCa {
     }
 }
 
-/// The agent binary, built (a no-op when fresh) by the cargo that runs the tests.
-pub fn agent_binary(root: &Path) -> Result<PathBuf> {
+/// A binary of the workspace, built (a no-op when fresh) by the cargo that runs the tests.
+pub fn workspace_binary(root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::process::run(std::process::Command::new(cargo).current_dir(root).args([
-        "build",
-        "-q",
-        "-p",
-        "ployz",
-        "--bin",
-        "ployz-controller",
-    ]))?;
+    crate::process::run(
+        std::process::Command::new(cargo)
+            .current_dir(root)
+            .args(["build", "-q", "-p", package, "--bin", bin]),
+    )?;
     let target =
         std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
-    Ok(target.join("debug/ployz-controller"))
+    Ok(target.join("debug").join(bin))
+}
+
+/// The agent binary, `ployz-controller`.
+pub fn agent_binary(root: &Path) -> Result<PathBuf> {
+    workspace_binary(root, "ployz", "ployz-controller")
 }
 
 /// Transfer port of every agent.
@@ -288,30 +290,13 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent of `machine` and waits until its Machine is Ready.
     pub fn start(env: &Env, ca: &AgentCa, machine: &str, extra: &[&str]) -> Result<Self> {
-        let m = env.machine(machine)?;
         let tls = ca.write_identity(machine, &env.state.join("agent-tls"))?;
         let bin = agent_binary(&env.root)?;
-        let listen = SocketAddr::from((m.ip(), AGENT_PORT));
-        let http = SocketAddr::from((m.ip(), AGENT_HTTP_PORT));
-        let mut cmd = m.command(&bin.to_string_lossy());
-        cmd.args(["--node-name", machine, "--pool", crate::env::POOL])
-            .arg("--listen")
-            .arg(listen.to_string())
-            .arg("--http-listen")
-            .arg(http.to_string())
-            .arg("--tls-ca")
-            .arg(&tls.ca)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
-            .args(["--zfs", "/sbin/zfs", "--heartbeat-seconds", "2"])
-            .args(extra)
-            .env("KUBECONFIG", env.kubeconfig()?)
-            .env(
-                "PLOYZ_LOG",
-                std::env::var("PLOYZ_AGENT_LOG").unwrap_or_else(|_| "ployz=debug,info".into()),
-            );
+        let mut cmd = Self::command(env, machine, &tls, (AGENT_PORT, AGENT_HTTP_PORT))?;
+        cmd.args(["--heartbeat-seconds", "2"]).args(extra).env(
+            "PLOYZ_LOG",
+            std::env::var("PLOYZ_AGENT_LOG").unwrap_or_else(|_| "ployz=debug,info".into()),
+        );
         let started = k8s_openapi::jiff::Timestamp::now();
         let mut proc = Proc::spawn(
             &format!("agent-{machine}"),
@@ -350,6 +335,33 @@ impl Agent {
             machine: machine.into(),
             proc,
         })
+    }
+
+    /// The agent's command line on `machine`: in its namespaces, listening on its address
+    /// (transfer and health `ports`), with the environment's kubeconfig.
+    pub fn command(
+        env: &Env,
+        machine: &str,
+        tls: &AgentTls,
+        (port, http_port): (u16, u16),
+    ) -> Result<std::process::Command> {
+        let m = env.machine(machine)?;
+        let bin = agent_binary(&env.root)?;
+        let mut cmd = m.command(&bin.to_string_lossy());
+        cmd.args(["--node-name", machine, "--pool", crate::env::POOL])
+            .arg("--listen")
+            .arg(SocketAddr::from((m.ip(), port)).to_string())
+            .arg("--http-listen")
+            .arg(SocketAddr::from((m.ip(), http_port)).to_string())
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
+            .args(["--zfs", "/sbin/zfs"])
+            .env("KUBECONFIG", env.kubeconfig()?);
+        Ok(cmd)
     }
 
     pub fn pid(&self) -> u32 {

@@ -18,7 +18,7 @@ use ployz::api::{Migration, Phase};
 use ployz::manifest::MigrationRequest;
 use ployz::names::{MachineName, ServiceRef};
 use ployz::plan::rebind::pv_on_node;
-use ployz_e2e::agents::{AGENT_HTTP_PORT, Agent, AgentCa, agent_binary, connect_from};
+use ployz_e2e::agents::{AGENT_HTTP_PORT, Agent, AgentCa, connect_from, workspace_binary};
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s::{self, LocalVolume};
 use ployz_e2e::machine::ZfsMachine;
@@ -46,6 +46,10 @@ fn main() -> ExitCode {
                 ployzctl_preview_and_drain,
             ),
             ("target_without_room_fails_cleanly", no_room),
+            (
+                "pods_not_ready_on_target_roll_back_to_the_source",
+                not_ready_rolls_back,
+            ),
             (
                 "duplicate_refused_and_deleting_mid_send_cancels",
                 duplicate_and_cancel,
@@ -125,6 +129,7 @@ struct Request<'a> {
     to: &'a str,
     from: Option<&'a str>,
     bandwidth: Option<&'a str>,
+    target_ready_seconds: Option<u32>,
 }
 
 impl<'a> Request<'a> {
@@ -136,6 +141,7 @@ impl<'a> Request<'a> {
             to,
             from: None,
             bandwidth: None,
+            target_ready_seconds: None,
         }
     }
 }
@@ -149,7 +155,13 @@ fn migrate(env: &Env, r: &Request) -> Result<()> {
     req.name = Some(r.name.into());
     req.from = r.from.map(str::parse::<MachineName>).transpose()?;
     req.bandwidth_limit = r.bandwidth.map(|b| Quantity(b.into()));
-    let m = req.to_migration()?;
+    let mut m = req.to_migration()?;
+    if let Some(secs) = r.target_ready_seconds {
+        m.spec.timeouts = Some(ployz::api::Timeouts {
+            target_ready_seconds: Some(secs),
+            ..Default::default()
+        });
+    }
     let api: Api<Migration> = Api::namespaced(env.client.clone(), r.ns);
     env.block_on(api.create(&PostParams::default(), &m))?;
     Ok(())
@@ -366,27 +378,8 @@ fn http_get(env: &Env, machine: &str, path: &str) -> Result<String> {
 
 /// Without the CRDs the agent exits at once and says how to install them.
 fn agent_without_crds(env: &mut Env) -> Result<()> {
-    let a = env.machine(A)?;
-    let bin = agent_binary(&env.root)?;
-    let dir = env.state.join("no-crds");
-    let tls = AgentCa::new("no-crds")?.write_identity(A, &dir)?;
-    let mut cmd = a.command(&bin.to_string_lossy());
-    cmd.args([
-        "--node-name",
-        A,
-        "--pool",
-        "tank",
-        "--http-listen",
-        "198.18.0.11:7499",
-    ])
-    .args(["--listen", "198.18.0.11:7498"])
-    .arg("--tls-ca")
-    .arg(&tls.ca)
-    .arg("--tls-cert")
-    .arg(&tls.cert)
-    .arg("--tls-key")
-    .arg(&tls.key)
-    .env("KUBECONFIG", env.kubeconfig()?);
+    let tls = AgentCa::new("no-crds")?.write_identity(A, &env.state.join("no-crds"))?;
+    let mut cmd = Agent::command(env, A, &tls, (7498, 7499))?;
     let out = cmd.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "the agent ran without CRDs");
@@ -662,13 +655,7 @@ fn source_agent_killed(env: &mut Env) -> Result<()> {
 
 /// `ployzctl` against the live cluster, as a user runs it.
 fn ployzctl(env: &Env, args: &[&str]) -> Result<std::process::Output> {
-    let bin = agent_binary(&env.root)?.with_file_name("ployzctl");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    ployz_e2e::process::run(
-        std::process::Command::new(cargo)
-            .current_dir(&env.root)
-            .args(["build", "-q", "-p", "ployzctl"]),
-    )?;
+    let bin = workspace_binary(&env.root, "ployzctl", "ployzctl")?;
     Ok(std::process::Command::new(bin)
         .args(args)
         .env("KUBECONFIG", env.kubeconfig()?)
@@ -761,4 +748,63 @@ fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
         "unknown machine: {err}"
     );
     Ok(())
+}
+
+fn taint(env: &Env, node: &str, on: bool) -> Result<()> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let taints = if on {
+        serde_json::json!([{"key": "ployz.dev/test", "effect": "NoSchedule"}])
+    } else {
+        serde_json::Value::Null
+    };
+    env.block_on(nodes.patch(
+        node,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
+    ))?;
+    Ok(())
+}
+
+/// The cutover gets as far as starting the workload on the target, where it cannot run: the
+/// migration undoes the rebind and the workload runs on the source again, data intact.
+fn not_ready_rolls_back(env: &mut Env) -> Result<()> {
+    let ns = "mig-rollback";
+    let vol = deployment_on_a(env, ns, 4)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    let before = a.checksums(&vol.path)?;
+    taint(env, B, true)?;
+    let outcome = (|| {
+        migrate(
+            env,
+            &Request {
+                target_ready_seconds: Some(10),
+                ..Request::new(ns, "web-to-b", B)
+            },
+        )?;
+        assert_failed_untouched(env, ns, "web-to-b", "TargetNotReady")?;
+        let m = get(env, ns, "web-to-b")?;
+        let s = m.status.unwrap_or_default();
+        let phases: Vec<Phase> = s.phase_transitions.iter().map(|t| t.phase).collect();
+        ensure!(
+            phases.ends_with(&[Phase::CuttingOver, Phase::RollingBack, Phase::Failed]),
+            "{phases:?}"
+        );
+        ensure!(
+            s.cutover
+                .is_some_and(|c| c.step == ployz::api::CutoverStep::ScaledUp),
+            "the cutover did not get as far as the target"
+        );
+        assert_on(env, ns, &vol.pv, "app=web", A)?;
+        ensure!(a.checksums(&vol.path)? == before, "the source data changed");
+        a.sh(&format!(
+            "touch '{}/writable' && rm '{0}/writable'",
+            vol.path
+        ))
+        .context("the source volume is not writable after the rollback")?;
+        // The target keeps its copy as a read-only replica, ready for the next attempt.
+        ensure!(prop(b, &vol.dataset, "ployz:replica")? == "true");
+        Ok(())
+    })();
+    taint(env, B, false)?;
+    outcome
 }

@@ -29,8 +29,6 @@ use crate::transfer::client::{SendJob, TransferError};
 use crate::transfer::protocol::{Action as PeerAction, MigrationKey, WireCompression};
 use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_REPLICA, Zfs, ZfsError};
 
-const DEFAULT_CUTOVER: u64 = 600;
-const DEFAULT_NO_PROGRESS: u64 = 300;
 /// Consecutive failed passes before a transfer problem fails the migration.
 const MAX_TRANSFER_FAILURES: u32 = 5;
 /// How often progress is written while a pass runs.
@@ -248,13 +246,7 @@ async fn start_pass(
         })?),
         None => None,
     };
-    let no_progress = Duration::from_secs(
-        m.spec
-            .timeouts
-            .as_ref()
-            .and_then(|t| t.no_progress_seconds)
-            .map_or(DEFAULT_NO_PROGRESS, u64::from),
-    );
+    let no_progress = m.spec.no_progress_timeout();
     let mut jobs = vec![];
     for v in &plan.volumes {
         jobs.push(SendJob {
@@ -406,18 +398,14 @@ async fn cutover(
             original_replicas: observed.replicas,
             started: status::now(),
             final_snapshot: snapshot_name(&uid(m), None),
+            scaled_up: None,
             volumes: vec![],
             original_placement: None,
         });
         status::write(ctx, m, &s).await?;
         return Ok(requeue_now());
     };
-    let limit = m
-        .spec
-        .timeouts
-        .as_ref()
-        .and_then(|t| t.cutover_seconds)
-        .map_or(DEFAULT_CUTOVER, u64::from);
+    let limit = m.spec.cutover_timeout().as_secs();
     if elapsed_secs(&c.started) > limit {
         let message = format!(
             "the cutover took longer than {limit}s (at step {:?}); moving the workload back to the source",
@@ -494,6 +482,7 @@ async fn cutover(
                 return Ok(Action::requeue(Duration::from_millis(300)));
             }
             w.scale(c.original_replicas).await?;
+            c.scaled_up = Some(status::now());
             c.step = CutoverStep::ScaledUp;
         }
         CutoverStep::ScaledUp => {
@@ -508,6 +497,21 @@ async fn cutover(
                 })
                 .count();
             if ready < c.original_replicas.max(0) as usize || pods.len() != ready {
+                let limit = m.spec.target_ready_timeout().as_secs();
+                if c.scaled_up
+                    .as_ref()
+                    .is_some_and(|t| elapsed_secs(t) > limit)
+                {
+                    let message = format!(
+                        "{} of {} pod(s) of {} {} became Ready on {} within {limit}s; moving the workload back to the source (see `kubectl describe pod` on the target for why)",
+                        ready,
+                        c.original_replicas,
+                        plan.workload.kind,
+                        plan.workload.name,
+                        plan.target
+                    );
+                    return fail(ctx, m, s, "TargetNotReady", &message).await;
+                }
                 return Ok(Action::requeue(Duration::from_millis(500)));
             }
             return succeed(ctx, m, s, plan, &c, &w).await;
@@ -773,6 +777,9 @@ async fn rollback(
         let (source_node, _) = nodes(ctx, plan).await?;
         for b in &c.volumes {
             rebind(ctx, b, "", &source_node, None).await?;
+        }
+        if !claims_bound(ctx, m, plan).await? {
+            return Ok(Action::requeue(Duration::from_millis(300)));
         }
         if let Some(original) = &c.original_placement {
             let patch: serde_json::Value =

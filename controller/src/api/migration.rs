@@ -126,6 +126,32 @@ pub struct Timeouts {
     pub no_progress_seconds: Option<u32>,
 }
 
+impl MigrationSpec {
+    fn timeout(&self, pick: fn(&Timeouts) -> Option<u32>, default: u64) -> std::time::Duration {
+        let secs = self
+            .timeouts
+            .as_ref()
+            .and_then(pick)
+            .map_or(default, u64::from);
+        std::time::Duration::from_secs(secs)
+    }
+
+    /// `timeouts.cutoverSeconds`, default 600.
+    pub fn cutover_timeout(&self) -> std::time::Duration {
+        self.timeout(|t| t.cutover_seconds, 600)
+    }
+
+    /// `timeouts.targetReadySeconds`, default 300.
+    pub fn target_ready_timeout(&self) -> std::time::Duration {
+        self.timeout(|t| t.target_ready_seconds, 300)
+    }
+
+    /// `timeouts.noProgressSeconds`, default 300.
+    pub fn no_progress_timeout(&self) -> std::time::Duration {
+        self.timeout(|t| t.no_progress_seconds, 300)
+    }
+}
+
 /// What happens to the source's copy after a successful move.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SourceCopy {
@@ -269,6 +295,9 @@ pub struct Cutover {
     /// The volumes as they were bound on the source.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeBinding>,
+    /// When the workload was scaled back up on the target (the Ready wait starts here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaled_up: Option<Time>,
     /// The pod template's node pinning before it was pointed at the target (JSON), when it
     /// had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use kube::api::Api;
 use ployz::api::Migration;
-use ployz_e2e::agents::{Agent, AgentCa, agent_binary};
+use ployz_e2e::agents::{Agent, AgentCa, workspace_binary};
 use ployz_e2e::env::{Env, Options, bin_dir};
 use ployz_e2e::k8s;
 use ployz_e2e::machine::ZfsMachine;
@@ -108,16 +108,9 @@ fn mib(b: u64) -> String {
 }
 
 fn demo(env: &Env) -> Result<()> {
-    let agent_bin = agent_binary(&env.root)?;
-    let ployzctl = agent_bin.with_file_name("ployzctl");
-    ensure!(
-        ployzctl.exists(),
-        "{} is missing: run `make demo`, which builds it",
-        ployzctl.display()
-    );
     let tools = Tools {
         kubectl: bin_dir(&env.root)?.join("kubectl"),
-        ployzctl,
+        ployzctl: workspace_binary(&env.root, "ployzctl", "ployzctl")?,
         kubeconfig: env.kubeconfig()?.to_path_buf(),
     };
     step("installing the ployz CRDs and starting an agent on each machine");
