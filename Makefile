@@ -4,7 +4,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
-.PHONY: test demo deps bins lint unit e2e smoke migrate bench env crds examples fmt
+.PHONY: test demo deps bins lint unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
 
 test: deps lint unit e2e
 
@@ -33,13 +33,22 @@ unit:
 # End-to-end suites on a real control plane, real zfs-fuse machines and network namespaces.
 e2e: deps bins
 	$(CARGO) build -q --locked -p ployz --bin ployz-controller
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked
+	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked \
+		--test smoke --test transfer --test migrate
 
 smoke: deps bins
 	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test smoke
 
 migrate: deps bins
 	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test migrate
+
+# The OpenZFS 2.3 guest image (about 10 minutes the first time, cached afterwards).
+vm-image:
+	@tests/vm/build-image.sh >/dev/null
+
+# Conformance of the ZFS layer and the transfer engine on real OpenZFS, in a QEMU guest.
+openzfs: vm-image
+	PLOYZ_VM_IMAGE=$$(tests/vm/build-image.sh) $(CARGO) test -p ployz-e2e --locked --test openzfs
 
 # The local environment for a person: up until Ctrl-C.
 env: deps bins

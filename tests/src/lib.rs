@@ -13,4 +13,5 @@ pub mod pki;
 pub mod process;
 pub mod reaper;
 pub mod suite;
+pub mod vm;
 pub mod wait;

@@ -407,6 +407,14 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
         "db",
         &["data", "logs"],
     ))?;
+    // Pinned to its machine, as many stateful apps on local disks are.
+    let sts: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(env.client.clone(), ns);
+    let pin = |node: &str| serde_json::json!({"spec": {"template": {"spec": {"nodeSelector": {"kubernetes.io/hostname": node}}}}});
+    env.block_on(sts.patch(
+        "db",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(pin(A)),
+    ))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=db", A, 1))?;
     migrate(
         env,
@@ -420,6 +428,16 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
     let plan = m.status.and_then(|s| s.plan).context("no plan")?;
     ensure!(plan.workload.kind == "StatefulSet");
     ensure!(plan.volumes.len() == 2, "{:?}", plan.volumes);
+    let selector = env
+        .block_on(sts.get("db"))?
+        .spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.node_selector)
+        .unwrap_or_default();
+    ensure!(
+        selector.get("kubernetes.io/hostname").map(String::as_str) == Some(B),
+        "the pod template is still pinned elsewhere: {selector:?}"
+    );
     for v in &vols {
         assert_on(env, ns, &v.pv, "app=db", B)?;
         ensure!(

@@ -122,6 +122,7 @@ pub struct Ctx {
     pub recorder: Recorder,
     pub metrics: Arc<metrics::Metrics>,
     pub transfers: transfers::Transfers,
+    pub backoff: Backoff,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -139,13 +140,60 @@ pub enum Error {
     Kube(#[from] kube::Error),
     #[error(transparent)]
     Zfs(#[from] crate::zfs::ZfsError),
+    #[error("{0} no longer exists")]
+    WorkloadGone(String),
     #[error("{0}")]
     Other(String),
 }
 
-fn error_policy(m: Arc<Migration>, e: &Error, _: Arc<Ctx>) -> Action {
-    warn!(migration = %m.name_any(), error = %e, "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(3))
+impl Error {
+    /// First retry delay: a write conflict is retried at once, the rest backs off.
+    fn first_delay(&self) -> Duration {
+        match self {
+            Error::Kube(kube::Error::Api(e)) if e.code == 409 => Duration::from_millis(100),
+            Error::Zfs(e) if e.is_transient() => Duration::from_millis(500),
+            _ => Duration::from_secs(1),
+        }
+    }
+}
+
+/// Retries per Migration back off exponentially (to a minute) and reset on success.
+#[derive(Debug, Default)]
+pub struct Backoff(std::sync::Mutex<std::collections::HashMap<String, u32>>);
+
+impl Backoff {
+    fn next(&self, key: &str, first: Duration) -> Duration {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        first
+            .saturating_mul(1 << (*n - 1).min(10))
+            .min(Duration::from_secs(60))
+    }
+
+    fn reset(&self, key: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+    }
+}
+
+fn error_policy(m: Arc<Migration>, e: &Error, ctx: Arc<Ctx>) -> Action {
+    let delay = ctx
+        .backoff
+        .next(&m.uid().unwrap_or_default(), e.first_delay());
+    warn!(migration = %m.name_any(), error = %e, ?delay, "reconcile failed; retrying");
+    Action::requeue(delay)
+}
+
+/// Wraps a reconciler so that success resets the Migration's backoff.
+async fn reset_on_success(
+    ctx: &Ctx,
+    m: &Migration,
+    result: Result<Action, Error>,
+) -> Result<Action, Error> {
+    if result.is_ok() {
+        ctx.backoff.reset(&m.uid().unwrap_or_default());
+    }
+    result
 }
 
 /// Fails fast, with the fix, when the ployz CRDs are missing.
@@ -223,6 +271,7 @@ pub async fn run(config: Config) -> Result<()> {
             },
         ),
         transfers: transfers::Transfers::new(config.max_transfers, Arc::clone(&metrics)),
+        backoff: Backoff::default(),
         metrics: Arc::clone(&metrics),
         config,
     });
@@ -236,14 +285,36 @@ pub async fn run(config: Config) -> Result<()> {
         watcher::Config::default().fields(&format!("spec.to={machine}")),
     )
     .shutdown_on_signal()
-    .run(target::reconcile, error_policy, Arc::clone(&ctx))
+    .run(
+        |m, ctx| async move {
+            reset_on_success(
+                &ctx,
+                &m,
+                target::reconcile(Arc::clone(&m), Arc::clone(&ctx)).await,
+            )
+            .await
+        },
+        error_policy,
+        Arc::clone(&ctx),
+    )
     .for_each(|_| async {});
     let as_source = Controller::new(
         api,
         watcher::Config::default().labels(&format!("{SOURCE_LABEL}={machine}")),
     )
     .shutdown_on_signal()
-    .run(source::reconcile, error_policy, Arc::clone(&ctx))
+    .run(
+        |m, ctx| async move {
+            reset_on_success(
+                &ctx,
+                &m,
+                source::reconcile(Arc::clone(&m), Arc::clone(&ctx)).await,
+            )
+            .await
+        },
+        error_policy,
+        Arc::clone(&ctx),
+    )
     .for_each(|_| async {});
     let received = Arc::clone(&server);
     tokio::select! {

@@ -66,12 +66,20 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
             return Ok(requeue_now());
         }
     }
-    match phase {
-        Phase::Snapshotting => snapshot(&ctx, &m, s, &plan).await,
-        Phase::Sending => pre_copy(&ctx, &m, s, &plan).await,
-        Phase::CuttingOver => cutover(&ctx, &m, s, &plan).await,
-        Phase::RollingBack => rollback(&ctx, &m, s, &plan).await,
+    let result = match phase {
+        Phase::Snapshotting => snapshot(&ctx, &m, s.clone(), &plan).await,
+        Phase::Sending => pre_copy(&ctx, &m, s.clone(), &plan).await,
+        Phase::CuttingOver => cutover(&ctx, &m, s.clone(), &plan).await,
+        Phase::RollingBack => rollback(&ctx, &m, s.clone(), &plan).await,
         _ => Ok(Action::await_change()),
+    };
+    match result {
+        // The workload was deleted under a move: undo what can be undone and stop.
+        Err(Error::WorkloadGone(what)) if phase != Phase::RollingBack => {
+            let message = format!("{what} was deleted during the migration");
+            fail(&ctx, &m, s, "WorkloadGone", &message).await
+        }
+        other => other,
     }
 }
 
@@ -425,7 +433,9 @@ async fn cutover(
             c.step = CutoverStep::ScaledDown;
         }
         CutoverStep::ScaledDown => {
-            take_snapshots(ctx, m, plan, &c.final_snapshot).await?;
+            if ctx.transfers.view(&uid(m), &c.final_snapshot).is_none() {
+                take_snapshots(ctx, m, plan, &c.final_snapshot).await?;
+            }
             match pass(ctx, m, &mut s, plan, &c.final_snapshot, "final delta").await? {
                 PassState::Running => return Ok(Action::requeue(Duration::from_millis(500))),
                 PassState::Failed(e) => return pass_failed(ctx, m, s, e).await,
@@ -793,7 +803,11 @@ async fn rollback(
                 }
             }
         }
-        w.scale(c.original_replicas).await?;
+        match w.scale(c.original_replicas).await {
+            // The workload was deleted: nothing left to start.
+            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
+            other => other?,
+        }
     }
     w.unlock(&m.name_any()).await?;
     let reason = s.reason.clone().unwrap_or_else(|| "Failed".into());

@@ -65,13 +65,19 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
         return Ok(Action::await_change());
     }
     // The finalizer and the label first: from here on the source agent owns the Migration.
+    let mut finalizers = m.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.into());
+    }
     status::api(&ctx, &m)
         .patch(
             &name,
             &PatchParams::default(),
             &Patch::Merge(json!({"metadata": {
                 "labels": {SOURCE_LABEL: planned.plan.source},
-                "finalizers": [FINALIZER],
+                "finalizers": finalizers,
+                // Only if nobody changed it since it was read (the finalizer list is replaced).
+                "resourceVersion": m.resource_version(),
             }})),
         )
         .await?;

@@ -57,8 +57,8 @@ impl Workload {
 
     pub async fn get(&self) -> Result<Observed, Error> {
         let missing = || {
-            Error::Other(format!(
-                "{} {}/{} no longer exists",
+            Error::WorkloadGone(format!(
+                "{} {}/{}",
                 self.reference.kind,
                 self.namespace,
                 self.name()
@@ -134,7 +134,7 @@ impl Workload {
         let w = match self.get().await {
             Ok(w) => w,
             // Nothing to unlock on a workload that is gone.
-            Err(Error::Other(_)) => return Ok(()),
+            Err(Error::WorkloadGone(_)) => return Ok(()),
             Err(e) => return Err(e),
         };
         if w.annotations.get(LOCK_ANNOTATION).map(String::as_str) == Some(migration) {

@@ -103,6 +103,8 @@ pub enum TransferError {
         needed: u64,
         available: u64,
     },
+    #[error("{what}; move it to a machine with OpenZFS")]
+    Unsupported { machine: String, what: String },
     #[error("stream: {0}")]
     Pump(#[from] PumpError),
     #[error("protocol: {0}")]
@@ -351,6 +353,21 @@ impl<Z: Zfs + 'static> Sender<Z> {
             SendPlan::Incremental { base, .. } => Some(base),
         };
         args.base = base;
+        if ds.encrypted {
+            // Encrypted data leaves this machine encrypted: raw, and received without the
+            // key. A receiver that cannot take a raw stream does not get the plaintext instead.
+            if !(ours.raw_send && theirs.raw_send) {
+                return Err(TransferError::Unsupported {
+                    machine: job.target_machine.clone(),
+                    what: format!(
+                        "{} is encrypted and needs a raw send (zfs send -w), which {} cannot receive",
+                        job.dataset, job.target_machine
+                    ),
+                });
+            }
+            args.raw = true;
+            args.compressed = false;
+        }
         let fallback = if ours.size_estimates {
             None
         } else {

@@ -62,6 +62,8 @@ pub struct Dataset {
     pub readonly: bool,
     /// Set after an interrupted resumable receive (OpenZFS).
     pub resume_token: Option<String>,
+    /// Native encryption (OpenZFS): such a dataset is only ever sent raw (`-w`).
+    pub encrypted: bool,
     pub user_props: BTreeMap<String, String>,
     pub snapshots: Vec<Snapshot>,
     pub bookmarks: Vec<Bookmark>,

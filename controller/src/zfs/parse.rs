@@ -20,7 +20,7 @@ pub const BASE_PROPS: &[&str] = &[
     "readonly",
 ];
 /// Properties only OpenZFS knows.
-pub const MODERN_PROPS: &[&str] = &["receive_resume_token"];
+pub const MODERN_PROPS: &[&str] = &["receive_resume_token", "encryption"];
 /// ployz's own user properties.
 pub const PLOYZ_PROPS: &[&str] = &[super::PROP_MIGRATION, super::PROP_REPLICA];
 
@@ -114,6 +114,7 @@ pub fn inventory(command: &str, stdout: &str) -> Result<Inventory, ZfsError> {
                 mountpoint: opt(props.get("mountpoint")),
                 readonly: props.get("readonly").is_some_and(|v| v == "on"),
                 resume_token: opt(props.get("receive_resume_token")),
+                encrypted: opt(props.get("encryption")).is_some_and(|e| e != "off"),
                 user_props: user_props(props),
                 name: ds,
                 snapshots: vec![],

@@ -1,0 +1,459 @@
+//! OpenZFS conformance: the project's own ZFS layer and transfer engine against real OpenZFS
+//! 2.3, in a QEMU guest (tests/vm). On the host this binary boots the guest and runs itself
+//! inside it (`PLOYZ_IN_GUEST=1`), where two file-backed pools, `src` and `dst`, stand for two
+//! machines and the engine streams between them over TLS on the loopback.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use libtest_mimic::{Arguments, Failed, Trial};
+use ployz::api::ZfsImplementation;
+use ployz::transfer::Progress;
+use ployz::transfer::authz::{Authorizer, Grant, Refusal};
+use ployz::transfer::client::{SendJob, SendReport, Sender, TransferError};
+use ployz::transfer::protocol::{Hello, MigrationKey, WireCompression};
+use ployz::transfer::server::{Server, ServerConfig};
+use ployz::zfs::base::BaseError;
+use ployz::zfs::{DatasetName, SendArgs, Zfs, ZfsCli};
+use ployz_e2e::agents::AgentCa;
+use ployz_e2e::process::run;
+
+type Test = fn(&Guest) -> Result<()>;
+
+const TESTS: &[(&str, Test)] = &[
+    ("capabilities_are_detected_as_openzfs_2_3", capabilities),
+    ("inventory_is_exact", inventory_exact),
+    ("size_estimates_feed_the_plan", estimates),
+    ("bookmark_serves_as_incremental_base", bookmark_base),
+    ("cut_transfer_resumes_from_the_token", resume_after_cut),
+    ("compressed_send_keeps_blocks_compressed", compressed_send),
+    ("encrypted_dataset_is_sent_raw_without_the_key", raw_send),
+    ("holds_protect_the_base", holds),
+    ("diverged_target_is_refused_and_kept", diverged),
+];
+
+fn main() -> ExitCode {
+    if std::env::var_os("PLOYZ_IN_GUEST").is_some() {
+        return in_guest();
+    }
+    match on_host() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            println!("test result: FAILED. 0 passed; {} failed", TESTS.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Boots the guest and runs this same binary in it, with the same arguments.
+fn on_host() -> Result<ExitCode> {
+    let args = Arguments::from_args();
+    if args.list {
+        let trials = TESTS
+            .iter()
+            .map(|(n, _)| Trial::test(*n, || Ok(())))
+            .collect();
+        return Ok(libtest_mimic::run(&args, trials).exit_code());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("tests/ has no parent")?
+        .to_path_buf();
+    let run_dir = PathBuf::from(
+        std::env::var("PLOYZ_RUN_DIR").unwrap_or_else(|_| "/var/tmp/ployz-e2e".into()),
+    );
+    let _lock = ployz_e2e::reaper::begin(&run_dir)?;
+    let image = ployz_e2e::vm::image(&root)?;
+    eprintln!("[harness] booting the OpenZFS guest ({})", image.display());
+    let forwarded: Vec<String> = std::env::args().skip(1).collect();
+    let forwarded: Vec<&str> = forwarded.iter().map(String::as_str).collect();
+    let outcome = ployz_e2e::vm::run_in_guest(
+        &image,
+        &run_dir.join("openzfs-vm"),
+        &std::env::current_exe()?,
+        &forwarded,
+        &[("PLOYZ_IN_GUEST", "1"), ("PLOYZ_LOG", "error")],
+        Duration::from_secs(1200),
+    );
+    ployz_e2e::reaper::release_all();
+    let outcome = outcome?;
+    print!("{}", outcome.output);
+    Ok(if outcome.code == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn in_guest() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(
+            std::env::var("PLOYZ_LOG").unwrap_or_else(|_| "error".into()),
+        ))
+        .with_writer(std::io::stderr)
+        .try_init();
+    let mut args = Arguments::from_args();
+    args.test_threads = Some(1);
+    let guest = match Guest::start() {
+        Ok(g) => Arc::new(g),
+        Err(e) => {
+            eprintln!("error: setting up the pools: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let trials = TESTS
+        .iter()
+        .map(|&(name, test)| {
+            let guest = Arc::clone(&guest);
+            Trial::test(name, move || {
+                test(&guest).map_err(|e| Failed::from(format!("{e:#}")))
+            })
+        })
+        .collect();
+    libtest_mimic::run(&args, trials).exit_code()
+}
+
+/// Grants every claim a dataset of the same name under the receiver's parent (the Kubernetes
+/// side of authorization is proven by the other suites).
+struct AllowAll(DatasetName);
+
+impl Authorizer for AllowAll {
+    async fn authorize(&self, _peer: &str, hello: &Hello) -> Result<Grant, Refusal> {
+        Ok(Grant {
+            dataset: self.0.child(&hello.claim).map_err(|e| Refusal {
+                reason: ployz::transfer::protocol::RefusalReason::OutsideParent,
+                message: e.to_string(),
+            })?,
+        })
+    }
+}
+
+/// The guest's two pools, a receiver for `dst/ployz` and a sender.
+struct Guest {
+    rt: tokio::runtime::Runtime,
+    zfs: Arc<ZfsCli>,
+    sender: Sender<ZfsCli>,
+    addr: SocketAddr,
+    _server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+fn sh(script: &str) -> Result<String> {
+    run(Command::new("sh").args(["-c", script])).with_context(|| script.to_string())
+}
+
+fn ds(name: &str) -> Result<DatasetName> {
+    Ok(name.parse()?)
+}
+
+impl Guest {
+    fn start() -> Result<Self> {
+        sh("truncate -s 256M /tmp/src.img /tmp/dst.img \
+            && zpool create -f -O compression=off -O atime=off src /tmp/src.img \
+            && zpool create -f -O compression=off -O atime=off dst /tmp/dst.img \
+            && zfs create dst/ployz")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let zfs = Arc::new(ZfsCli::new("zfs"));
+        let info = rt.block_on(zfs.info())?;
+        let ca = AgentCa::new("guest")?;
+        let parent = ds("dst/ployz")?;
+        let server = Arc::new(Server::new(
+            Arc::clone(&zfs),
+            info.clone(),
+            Arc::new(AllowAll(parent.clone())),
+            ca.identity("dst")?.server_config()?,
+            ServerConfig {
+                parent,
+                no_progress: Duration::from_secs(20),
+            },
+        ));
+        let (addr, server) = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let addr = l.local_addr()?;
+            anyhow::Ok((addr, tokio::spawn(server.serve(l))))
+        })?;
+        let sender = Sender::new(Arc::clone(&zfs), info, ca.identity("src")?.client_config()?);
+        Ok(Self {
+            rt,
+            zfs,
+            sender,
+            addr,
+            _server: server,
+        })
+    }
+
+    fn job(&self, name: &str, to: &str) -> Result<SendJob> {
+        Ok(SendJob {
+            migration: MigrationKey {
+                namespace: "conformance".into(),
+                name: name.into(),
+            },
+            claim: name.into(),
+            target_machine: "dst".into(),
+            dataset: ds(&format!("src/{name}"))?,
+            to: to.into(),
+            compression: WireCompression::None,
+            rate_limit: None,
+            no_progress: Duration::from_secs(20),
+        })
+    }
+
+    fn send(&self, job: &SendJob, progress: &Progress) -> Result<SendReport, TransferError> {
+        self.rt.block_on(async {
+            let tcp = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|source| TransferError::Connect {
+                    machine: "dst".into(),
+                    source,
+                })?;
+            self.sender.send(tcp, job, progress).await
+        })
+    }
+
+    /// A dataset `src/NAME` with `mib` MiB of random data and snapshot `s1`.
+    fn dataset(&self, name: &str, mib: u32, props: &str) -> Result<()> {
+        sh(&format!(
+            "zfs create {props} src/{name} && head -c {}M /dev/urandom > /src/{name}/data && zfs snapshot src/{name}@s1",
+            mib
+        ))?;
+        Ok(())
+    }
+}
+
+fn guid(name: &str) -> Result<u64> {
+    Ok(sh(&format!("zfs get -H -p -o value guid {name}"))?
+        .trim()
+        .parse()?)
+}
+
+fn checksums(dir: &str) -> Result<String> {
+    sh(&format!(
+        "cd {dir} && find . -type f | sort | xargs sha256sum"
+    ))
+}
+
+fn sent(r: Result<SendReport, TransferError>) -> Result<(Option<String>, bool, u64)> {
+    match r? {
+        SendReport::Sent {
+            base,
+            resumed,
+            stream_bytes,
+            ..
+        } => Ok((base, resumed, stream_bytes)),
+        SendReport::UpToDate => bail!("nothing was sent"),
+    }
+}
+
+fn capabilities(g: &Guest) -> Result<()> {
+    let info = g.rt.block_on(g.zfs.info())?;
+    ensure!(
+        info.implementation == ZfsImplementation::OpenZfs,
+        "{info:?}"
+    );
+    ensure!(
+        info.version
+            .as_deref()
+            .is_some_and(|v| v.starts_with("2.3")),
+        "version {:?}",
+        info.version
+    );
+    let c = info.capabilities;
+    ensure!(
+        c.resume_tokens && c.size_estimates && c.compressed_send && c.raw_send && c.bookmarks,
+        "{c:?}"
+    );
+    Ok(())
+}
+
+fn inventory_exact(g: &Guest) -> Result<()> {
+    g.dataset("inv", 1, "")?;
+    sh("zfs snapshot src/inv@s2 && zfs bookmark src/inv@s1 src/inv#b1")?;
+    let info = g.rt.block_on(g.zfs.info())?;
+    let inv = g.rt.block_on(g.zfs.inventory(&ds("src/inv")?, &info))?;
+    let d = inv
+        .datasets
+        .get(&ds("src/inv")?)
+        .context("src/inv missing")?;
+    ensure!(d.guid == guid("src/inv")?);
+    let names: Vec<&str> = d.snapshots.iter().map(|s| s.name.short()).collect();
+    ensure!(names == ["s1", "s2"], "{names:?}");
+    for s in &d.snapshots {
+        let full = format!("src/inv@{}", s.name.short());
+        ensure!(s.guid == guid(&full)?, "guid of {full}");
+        let txg: u64 = sh(&format!("zfs get -H -p -o value createtxg {full}"))?
+            .trim()
+            .parse()?;
+        ensure!(s.createtxg == txg, "createtxg of {full}");
+    }
+    ensure!(d.bookmarks.len() == 1, "{:?}", d.bookmarks);
+    ensure!(
+        d.bookmarks[0].guid == guid("src/inv@s1")?,
+        "a bookmark has its snapshot's GUID"
+    );
+    ensure!(!d.encrypted && d.resume_token.is_none());
+    Ok(())
+}
+
+fn estimates(g: &Guest) -> Result<()> {
+    g.dataset("est", 8, "")?;
+    let info = g.rt.block_on(g.zfs.info())?;
+    let estimate =
+        g.rt.block_on(
+            g.zfs
+                .estimate(&SendArgs::new(ds("src/est")?.snapshot("s1")?), &info),
+        )?
+        .context("no estimate from send -nvP")?;
+    let progress = Progress::default();
+    let (_, _, bytes) = sent(g.send(&g.job("est", "s1")?, &progress))?;
+    ensure!(
+        progress.estimate() == Some(estimate),
+        "progress used {:?}, not the -nvP estimate {estimate}",
+        progress.estimate()
+    );
+    let ratio = bytes as f64 / estimate as f64;
+    ensure!(
+        (0.9..1.1).contains(&ratio),
+        "estimate {estimate} vs {bytes} sent"
+    );
+    Ok(())
+}
+
+fn bookmark_base(g: &Guest) -> Result<()> {
+    g.dataset("bm", 4, "")?;
+    sent(g.send(&g.job("bm", "s1")?, &Progress::default()))?;
+    // Keep only a bookmark of the common snapshot on the source.
+    sh("zfs bookmark src/bm@s1 src/bm#s1 && zfs destroy src/bm@s1 \
+        && head -c 1M /dev/urandom > /src/bm/more && zfs snapshot src/bm@s2")?;
+    let (base, _, bytes) = sent(g.send(&g.job("bm", "s2")?, &Progress::default()))?;
+    ensure!(base.as_deref() == Some("s1"), "base {base:?}");
+    ensure!(
+        bytes < 2 << 20,
+        "an incremental of 1 MiB sent {bytes} bytes"
+    );
+    ensure!(guid("dst/ployz/bm@s2")? == guid("src/bm@s2")?);
+    Ok(())
+}
+
+fn resume_after_cut(g: &Guest) -> Result<()> {
+    g.dataset("cut", 24, "")?;
+    let mut job = g.job("cut", "s1")?;
+    job.rate_limit = Some(6 << 20);
+    let progress = Arc::new(Progress::default());
+    // Cut the link once a third is across: the task (and its connection) is dropped.
+    let cut = g.rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(g.addr).await?;
+        let send = g.sender.send(tcp, &job, &progress);
+        tokio::pin!(send);
+        loop {
+            tokio::select! {
+                r = &mut send => return anyhow::Ok(Some(r)),
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if progress.stream() > 8 << 20 { return Ok(None); }
+                }
+            }
+        }
+    })?;
+    ensure!(cut.is_none(), "the send finished before the cut: {cut:?}");
+    let before_cut = progress.stream();
+    // The receiver keeps the partial state and a token.
+    let token = (0..100)
+        .find_map(|_| {
+            let t = sh("zfs get -H -o value receive_resume_token dst/ployz/cut").ok()?;
+            let t = t.trim().to_string();
+            if t.is_empty() || t == "-" {
+                std::thread::sleep(Duration::from_millis(200));
+                None
+            } else {
+                Some(t)
+            }
+        })
+        .context("no receive_resume_token after the cut")?;
+    ensure!(token.len() > 10);
+    job.rate_limit = None;
+    let again = Progress::default();
+    let (_, resumed, bytes) = sent(g.send(&job, &again))?;
+    ensure!(resumed, "the retry did not resume from the token");
+    let whole = 24u64 << 20;
+    ensure!(
+        bytes < whole - (before_cut / 2),
+        "resumed send carried {bytes} bytes after {before_cut} were across; a restart carries about {whole}"
+    );
+    ensure!(guid("dst/ployz/cut@s1")? == guid("src/cut@s1")?);
+    sh("zfs mount dst/ployz/cut || true")?;
+    ensure!(checksums("/src/cut")? == checksums("/dst/ployz/cut")?);
+    Ok(())
+}
+
+fn compressed_send(g: &Guest) -> Result<()> {
+    // Compressible data in an lz4 dataset: a -c stream carries the blocks as stored.
+    sh("zfs create -o compression=lz4 src/cmp \
+        && yes ployz-compressible-line | head -c 16M > /src/cmp/text && zfs snapshot src/cmp@s1")?;
+    let (_, _, bytes) = sent(g.send(&g.job("cmp", "s1")?, &Progress::default()))?;
+    ensure!(
+        bytes < 4 << 20,
+        "16 MiB of lz4-compressible data sent as {bytes} bytes: not a compressed stream"
+    );
+    sh("zfs mount dst/ployz/cmp || true")?;
+    ensure!(checksums("/src/cmp")? == checksums("/dst/ployz/cmp")?);
+    Ok(())
+}
+
+fn raw_send(g: &Guest) -> Result<()> {
+    sh("printf 'correct horse battery staple' > /tmp/key \
+        && zfs create -o encryption=aes-256-gcm -o keyformat=passphrase -o keylocation=file:///tmp/key src/enc \
+        && head -c 2M /dev/urandom > /src/enc/secret && zfs snapshot src/enc@s1")?;
+    sent(g.send(&g.job("enc", "s1")?, &Progress::default()))?;
+    let status = sh("zfs get -H -o value keystatus,encryption dst/ployz/enc")?;
+    let lines: Vec<&str> = status.lines().collect();
+    ensure!(
+        lines == ["unavailable", "aes-256-gcm"],
+        "received copy: {lines:?} (want the key unavailable: a raw stream)"
+    );
+    ensure!(guid("dst/ployz/enc@s1")? == guid("src/enc@s1")?);
+    Ok(())
+}
+
+fn holds(g: &Guest) -> Result<()> {
+    g.dataset("hold", 1, "")?;
+    let snap = ds("src/hold")?.snapshot("s1")?;
+    g.rt.block_on(g.zfs.hold(&snap))?;
+    g.rt.block_on(g.zfs.hold(&snap))?; // idempotent
+    ensure!(
+        g.rt.block_on(g.zfs.destroy_snapshot(&snap)).is_err(),
+        "a held snapshot was destroyed"
+    );
+    g.rt.block_on(g.zfs.release(&snap))?;
+    g.rt.block_on(g.zfs.release(&snap))?; // idempotent
+    g.rt.block_on(g.zfs.destroy_snapshot(&snap))?;
+    Ok(())
+}
+
+fn diverged(g: &Guest) -> Result<()> {
+    g.dataset("div", 1, "")?;
+    sent(g.send(&g.job("div", "s1")?, &Progress::default()))?;
+    // Someone else's snapshot on the target, and new data on the source.
+    sh(
+        "zfs set ployz:replica=false dst/ployz/div && zfs snapshot dst/ployz/div@theirs \
+        && head -c 1M /dev/urandom > /src/div/more && zfs snapshot src/div@s2",
+    )?;
+    let before = sh("zfs list -H -t snapshot -o name,guid -r dst/ployz/div")?;
+    match g.send(&g.job("div", "s2")?, &Progress::default()) {
+        Err(TransferError::Base {
+            source: BaseError::Diverged { .. },
+            ..
+        }) => {}
+        other => bail!("expected a refusal as diverged, got {other:?}"),
+    }
+    ensure!(
+        sh("zfs list -H -t snapshot -o name,guid -r dst/ployz/div")? == before,
+        "the target changed"
+    );
+    Ok(())
+}
