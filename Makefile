@@ -6,7 +6,7 @@ export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
 .PHONY: test demo deps bins lint unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
 
-test: deps lint unit e2e
+test: deps lint unit e2e openzfs
 
 # The README's first command: two machines, an agent on each, a stateful app moved from
 # machine-a to machine-b and back. Tears everything down at the end and on Ctrl-C.

@@ -69,8 +69,11 @@ LOG=$CACHE/vm/build.log
 host_packages >>"$LOG" 2>&1 || { tail -n 20 "$LOG" >&2; exit 1; }
 
 # The key: the guest kernel ABI and the zfs version the archive offers now.
-backports_sources >/etc/apt/sources.list.d/ployz-backports.sources
-apt-get update -q >>"$LOG" 2>&1
+if [ ! -f /etc/apt/sources.list.d/ployz-backports.sources ] \
+    || ! apt-cache madison zfs-dkms 2>/dev/null | grep -q "| $ZFS_SERIES"; then
+    backports_sources >/etc/apt/sources.list.d/ployz-backports.sources
+    apt-get update -q >>"$LOG" 2>&1
+fi
 kernel=$(apt-cache show --no-all-versions linux-image-amd64 | sed -n 's/^Depends: linux-image-\([^ ,]*\).*/\1/p' | head -n1)
 zfs=$(apt-cache madison zfs-dkms | awk -v s="$ZFS_SERIES" '$3 ~ "^" s {print $3; exit}')
 [ -n "$kernel" ] && [ -n "$zfs" ] || { echo "error: cannot find linux-image-amd64 or zfs-dkms $ZFS_SERIES in the archive" >&2; exit 1; }
@@ -94,6 +97,12 @@ step "1/5 debootstrap bookworm (minbase)" \
     bookworm "$ROOT" "$MIRROR"
 
 backports_sources >"$ROOT/etc/apt/sources.list.d/backports.sources"
+# The guest sees the archive as the host does (updates and security included), so the kernel
+# the key names is the one it installs.
+for f in /etc/apt/sources.list.d/*.sources; do
+    case $f in */ployz-backports.sources) ;; *) cp "$f" "$ROOT/etc/apt/sources.list.d/" ;; esac
+done
+[ -f /etc/apt/sources.list ] && cp /etc/apt/sources.list "$ROOT/etc/apt/sources.list"
 printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 for m in proc sys dev dev/pts; do mount --bind "/$m" "$ROOT/$m"; done

@@ -85,6 +85,11 @@ pub fn inventory(command: &str, stdout: &str) -> Result<Inventory, ZfsError> {
                 format!("line {line:?} is not name<TAB>property<TAB>value"),
             ));
         };
+        // OpenZFS lists bookmarks in a recursive `zfs get` too; they are read with their own
+        // `zfs list -t bookmark`.
+        if name.contains('#') {
+            continue;
+        }
         by_name
             .entry(name.to_string())
             .or_default()
@@ -250,6 +255,9 @@ tank/v\tmountpoint\tnone
 tank/v\tuserrefs\t-
 tank/v\treadonly\toff
 tank/v\treceive_resume_token\t1-e604ea4bf-e0-789c63a2
+tank/v\tencryption\toff
+tank/v#b1\tguid\t2222
+tank/v#b1\tcreatetxg\t41
 tank/v@s1\tguid\t2222
 tank/v@s1\tcreatetxg\t41
 tank/v@s1\tused\t0
