@@ -1,7 +1,7 @@
 //! Long-running processes of the environment: started with their output in a log file, in a
 //! process group of their own, registered with the reaper, stopped by PID.
 
-use std::fs::File;
+use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,7 +25,13 @@ impl Proc {
     pub fn spawn(name: &str, mut cmd: Command, exe: &str, log_dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(log_dir)?;
         let log = log_dir.join(format!("{name}.log"));
-        let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        // Appended: a process restarted under the same name (a killed agent) keeps the log
+        // of its previous life for the post-mortem.
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         cmd.stdin(Stdio::null())
             .stdout(out)

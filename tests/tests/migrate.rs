@@ -58,6 +58,10 @@ fn main() -> ExitCode {
                 "source_agent_killed_mid_send_resumes_and_completes",
                 source_agent_killed,
             ),
+            (
+                "target_agent_killed_mid_send_is_retried_and_completes",
+                target_agent_killed,
+            ),
         ],
     )
 }
@@ -628,7 +632,16 @@ fn duplicate_and_cancel(env: &mut Env) -> Result<()> {
 }
 
 fn source_agent_killed(env: &mut Env) -> Result<()> {
-    let ns = "mig-kill";
+    agent_killed_mid_send(env, "mig-kill", A)
+}
+
+fn target_agent_killed(env: &mut Env) -> Result<()> {
+    agent_killed_mid_send(env, "mig-kill-target", B)
+}
+
+/// Kills `victim`'s agent (SIGKILL) while the volume is a quarter across, starts it again,
+/// and expects the migration to complete with intact data.
+fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
     let vol = deployment_on_a(env, ns, 32)?;
     let ag = agents(env)?;
     migrate(
@@ -648,8 +661,8 @@ fn source_agent_killed(env: &mut Env) -> Result<()> {
         let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
         let i = running
             .iter()
-            .position(|x| x.machine == A)
-            .context("no agent on machine-a")?;
+            .position(|x| x.machine == victim)
+            .with_context(|| format!("no agent on {victim}"))?;
         let old = running.remove(i);
         old.kill();
         let m = get(env, ns, "web-to-b")?;
@@ -658,7 +671,7 @@ fn source_agent_killed(env: &mut Env) -> Result<()> {
             "killed in {:?}, not mid-send",
             phase(&m)
         );
-        running.push(start_agent(env, &ag.ca, A)?);
+        running.push(start_agent(env, &ag.ca, victim)?);
     }
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
     assert_succeeded(&m)?;
