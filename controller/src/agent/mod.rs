@@ -196,6 +196,31 @@ async fn reset_on_success(
     result
 }
 
+/// One role of the agent: a controller over the Migrations `watch` selects, whose successful
+/// reconciles reset that Migration's backoff.
+fn role<F, Fut>(
+    api: Api<Migration>,
+    watch: watcher::Config,
+    reconcile: F,
+    ctx: Arc<Ctx>,
+) -> impl std::future::Future<Output = ()>
+where
+    F: Fn(Arc<Migration>, Arc<Ctx>) -> Fut + Copy + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
+{
+    Controller::new(api, watch)
+        .shutdown_on_signal()
+        .run(
+            move |m, ctx| async move {
+                let result = reconcile(Arc::clone(&m), Arc::clone(&ctx)).await;
+                reset_on_success(&ctx, &m, result).await
+            },
+            error_policy,
+            ctx,
+        )
+        .for_each(|_| async {})
+}
+
 /// Fails fast, with the fix, when the ployz CRDs are missing.
 async fn check_crds(client: &Client) -> Result<()> {
     let api: Api<Migration> = Api::all(client.clone());
@@ -280,42 +305,18 @@ pub async fn run(config: Config) -> Result<()> {
     info!(%machine, "agent ready");
 
     let api: Api<Migration> = Api::all(client.clone());
-    let as_target = Controller::new(
+    let as_target = role(
         api.clone(),
         watcher::Config::default().fields(&format!("spec.to={machine}")),
-    )
-    .shutdown_on_signal()
-    .run(
-        |m, ctx| async move {
-            reset_on_success(
-                &ctx,
-                &m,
-                target::reconcile(Arc::clone(&m), Arc::clone(&ctx)).await,
-            )
-            .await
-        },
-        error_policy,
+        target::reconcile,
         Arc::clone(&ctx),
-    )
-    .for_each(|_| async {});
-    let as_source = Controller::new(
+    );
+    let as_source = role(
         api,
         watcher::Config::default().labels(&format!("{SOURCE_LABEL}={machine}")),
-    )
-    .shutdown_on_signal()
-    .run(
-        |m, ctx| async move {
-            reset_on_success(
-                &ctx,
-                &m,
-                source::reconcile(Arc::clone(&m), Arc::clone(&ctx)).await,
-            )
-            .await
-        },
-        error_policy,
+        source::reconcile,
         Arc::clone(&ctx),
-    )
-    .for_each(|_| async {});
+    );
     let received = Arc::clone(&server);
     tokio::select! {
         _ = async { futures::join!(as_target, as_source) } => info!("shutting down"),
