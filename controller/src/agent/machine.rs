@@ -17,7 +17,9 @@ use crate::api::{Machine, MachineStatus};
 use crate::transfer::server::Server;
 use crate::zfs::{DatasetName, Zfs, ZfsCli};
 
-pub async fn publish(ctx: &Ctx) -> Result<()> {
+/// Applies the Machine's spec and writes its first status; returns the Ready condition
+/// written, which the heartbeat carries on.
+pub async fn publish(ctx: &Ctx) -> Result<Condition> {
     let api: Api<Machine> = Api::all(ctx.client.clone());
     let endpoint = ctx
         .config
@@ -35,14 +37,19 @@ pub async fn publish(ctx: &Ctx) -> Result<()> {
             "endpoint": endpoint,
         },
     });
-    api.patch(
-        &ctx.machine,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&spec),
-    )
-    .await
-    .with_context(|| format!("publishing Machine {}", ctx.machine))?;
-    beat(ctx, &api, None).await
+    let published = api
+        .patch(
+            &ctx.machine,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&spec),
+        )
+        .await
+        .with_context(|| format!("publishing Machine {}", ctx.machine))?;
+    // A restarted agent keeps the condition's transition time when its status is unchanged.
+    let previous = published
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
+    beat(ctx, &api, previous.as_ref()).await
 }
 
 /// `1.5GiB`-style sizes for `kubectl get`.
@@ -61,7 +68,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-async fn beat(ctx: &Ctx, api: &Api<Machine>, previous: Option<&Condition>) -> Result<()> {
+async fn beat(ctx: &Ctx, api: &Api<Machine>, previous: Option<&Condition>) -> Result<Condition> {
     let pool: Result<DatasetName, _> = ctx.config.pool.parse();
     let (pool_space, parent_space) = match pool {
         Ok(pool) => (
@@ -95,15 +102,16 @@ async fn beat(ctx: &Ctx, api: &Api<Machine>, previous: Option<&Condition>) -> Re
         .filter(|c| c.status == status)
         .map_or(now.clone(), |c| c.last_transition_time.clone());
     let free = parent_space.as_ref().ok().map(|s| s.available);
+    let ready = Condition {
+        type_: "Ready".into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        last_transition_time: transition,
+        observed_generation: None,
+    };
     let status = MachineStatus {
-        conditions: vec![Condition {
-            type_: "Ready".into(),
-            status: status.into(),
-            reason: reason.into(),
-            message,
-            last_transition_time: transition,
-            observed_generation: None,
-        }],
+        conditions: vec![ready.clone()],
         heartbeat_time: Some(now),
         agent_version: Some(env!("CARGO_PKG_VERSION").into()),
         zfs: Some(ctx.info.clone()),
@@ -119,29 +127,31 @@ async fn beat(ctx: &Ctx, api: &Api<Machine>, previous: Option<&Condition>) -> Re
     )
     .await
     .with_context(|| format!("updating Machine {} status", ctx.machine))?;
-    Ok(())
+    Ok(ready)
 }
 
-/// Heart-beats until the agent stops; also carries the receiver's byte count into metrics.
-pub async fn heartbeat<A>(ctx: Arc<Ctx>, server: Arc<Server<ZfsCli, A>>) -> Result<()> {
+/// Heart-beats until the agent stops, from the condition `publish` wrote; also carries the
+/// receiver's byte count into metrics.
+pub async fn heartbeat<A>(
+    ctx: Arc<Ctx>,
+    server: Arc<Server<ZfsCli, A>>,
+    mut ready: Condition,
+) -> Result<()> {
     let api: Api<Machine> = Api::all(ctx.client.clone());
     let mut counted = 0;
+    let mut every = tokio::time::interval(Duration::from_secs(ctx.config.heartbeat_seconds.max(1)));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
     loop {
-        tokio::time::sleep(Duration::from_secs(ctx.config.heartbeat_seconds.max(1))).await;
+        every.tick().await;
         let received = server.received_bytes.load(Ordering::Relaxed);
         ctx.metrics
             .bytes_received
             .inc_by(received.saturating_sub(counted));
         counted = received;
-        let previous = api
-            .get_opt(&ctx.machine)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|m| m.status)
-            .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
-        if let Err(e) = beat(&ctx, &api, previous.as_ref()).await {
-            warn!(error = %e, "heartbeat failed");
+        match beat(&ctx, &api, Some(&ready)).await {
+            Ok(written) => ready = written,
+            Err(e) => warn!(error = %e, "heartbeat failed"),
         }
     }
 }

@@ -300,7 +300,7 @@ pub async fn run(config: Config) -> Result<()> {
         metrics: Arc::clone(&metrics),
         config,
     });
-    machine::publish(&ctx).await?;
+    let ready_condition = machine::publish(&ctx).await?;
     ready.store(true, Ordering::Relaxed);
     info!(%machine, "agent ready");
 
@@ -322,7 +322,7 @@ pub async fn run(config: Config) -> Result<()> {
         _ = async { futures::join!(as_target, as_source) } => info!("shutting down"),
         r = Arc::clone(&server).serve(listener) => r.context("transfer endpoint")?,
         r = http => r.context("health endpoint")?,
-        r = machine::heartbeat(Arc::clone(&ctx), received) => r?,
+        r = machine::heartbeat(Arc::clone(&ctx), received, ready_condition) => r?,
     }
     Ok(())
 }

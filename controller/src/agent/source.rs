@@ -241,9 +241,7 @@ async fn start_pass(
     plan: &MigrationPlan,
     snapshot: &str,
 ) -> Result<(), Error> {
-    let machines: Api<Machine> = Api::all(ctx.client.clone());
-    let target = machines.get(&plan.target).await?;
-    let endpoint = target.spec.endpoint.clone();
+    let endpoint = ends(ctx, plan).await?.target_endpoint;
     let transfer = m.spec.transfer.clone().unwrap_or_default();
     let rate_limit = match &transfer.bandwidth_limit {
         Some(q) => Some(crate::api::quantity_bytes(&q.0).ok_or_else(|| {
@@ -370,12 +368,24 @@ async fn pre_copy(
     }
 }
 
-/// Node names of the plan's machines.
-async fn nodes(ctx: &Ctx, plan: &MigrationPlan) -> Result<(String, String), Error> {
+/// What a step needs to know of the plan's two machines, read once per step.
+struct Ends {
+    source_node: String,
+    target_node: String,
+    target_parent: String,
+    target_endpoint: String,
+}
+
+async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
     let machines: Api<Machine> = Api::all(ctx.client.clone());
-    let source = machines.get(&plan.source).await?.spec.node_name;
-    let target = machines.get(&plan.target).await?.spec.node_name;
-    Ok((source, target))
+    let source = machines.get(&plan.source).await?.spec;
+    let target = machines.get(&plan.target).await?.spec;
+    Ok(Ends {
+        source_node: source.node_name,
+        target_node: target.node_name,
+        target_parent: target.parent_dataset,
+        target_endpoint: target.endpoint,
+    })
 }
 
 fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
@@ -386,9 +396,10 @@ fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
     )
 }
 
-fn elapsed_secs(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> u64 {
+/// Time since `since` (zero if the clock says it is in the future).
+fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
     let d = k8s_openapi::jiff::Timestamp::now().duration_since(since.0);
-    d.as_secs().max(0) as u64
+    Duration::from_millis(d.as_millis().max(0) as u64)
 }
 
 async fn cutover(
@@ -414,7 +425,7 @@ async fn cutover(
         return Ok(requeue_now());
     };
     let limit = m.spec.cutover_timeout().as_secs();
-    if elapsed_secs(&c.started) > limit {
+    if elapsed(&c.started).as_secs() > limit {
         let message = format!(
             "the cutover took longer than {limit}s (at step {:?}); moving the workload back to the source",
             c.step
@@ -455,8 +466,9 @@ async fn cutover(
                 status::write(ctx, m, &s).await?;
                 return Ok(requeue_now());
             }
+            let endpoint = ends(ctx, plan).await?.target_endpoint;
             for (v, b) in plan.volumes.iter().zip(c.volumes.iter_mut()) {
-                let mountpoint = peer(ctx, m, plan, &v.claim, PeerAction::Promote).await;
+                let mountpoint = peer(ctx, m, plan, &endpoint, &v.claim, PeerAction::Promote).await;
                 match mountpoint {
                     Ok(path) => b.target_path = path,
                     Err(e) => {
@@ -469,13 +481,19 @@ async fn cutover(
             c.step = CutoverStep::Promoted;
         }
         CutoverStep::Promoted => {
-            let (source_node, target_node) = nodes(ctx, plan).await?;
-            let target_parent = target_parent(ctx, plan).await?;
+            let e = ends(ctx, plan).await?;
             for b in &c.volumes {
-                rebind(ctx, b, &source_node, &target_node, Some(&target_parent)).await?;
+                rebind(
+                    ctx,
+                    b,
+                    &e.source_node,
+                    &e.target_node,
+                    Some(&e.target_parent),
+                )
+                .await?;
             }
             if c.original_placement.is_none()
-                && let Some(p) = pinning(&observed.template, &source_node, &target_node)
+                && let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node)
             {
                 c.original_placement = Some(p.original.to_string());
                 s.cutover = Some(c);
@@ -496,7 +514,7 @@ async fn cutover(
             c.step = CutoverStep::ScaledUp;
         }
         CutoverStep::ScaledUp => {
-            let (_, target_node) = nodes(ctx, plan).await?;
+            let target_node = ends(ctx, plan).await?.target_node;
             let pods = w.pods(&observed.selector).await?;
             let ready = pods
                 .iter()
@@ -510,7 +528,7 @@ async fn cutover(
                 let limit = m.spec.target_ready_timeout().as_secs();
                 if c.scaled_up
                     .as_ref()
-                    .is_some_and(|t| elapsed_secs(t) > limit)
+                    .is_some_and(|t| elapsed(t).as_secs() > limit)
                 {
                     let message = format!(
                         "{} of {} pod(s) of {} {} became Ready on {} within {limit}s; moving the workload back to the source (see `kubectl describe pod` on the target for why)",
@@ -527,16 +545,10 @@ async fn cutover(
             return succeed(ctx, m, s, plan, &c, &w).await;
         }
     }
-    info!(migration = %key(m), step = ?c.step, elapsed_ms = elapsed_ms(&c.started), "cutover step done");
+    info!(migration = %key(m), step = ?c.step, elapsed_ms = elapsed(&c.started).as_millis() as u64, "cutover step done");
     s.cutover = Some(c);
     status::write(ctx, m, &s).await?;
     Ok(requeue_now())
-}
-
-fn elapsed_ms(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> i64 {
-    k8s_openapi::jiff::Timestamp::now()
-        .duration_since(since.0)
-        .as_millis() as i64
 }
 
 async fn claims_bound(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<bool, Error> {
@@ -568,11 +580,6 @@ async fn claims_bound(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<
         }
     }
     Ok(true)
-}
-
-async fn target_parent(ctx: &Ctx, plan: &MigrationPlan) -> Result<String, Error> {
-    let machines: Api<Machine> = Api::all(ctx.client.clone());
-    Ok(machines.get(&plan.target).await?.spec.parent_dataset)
 }
 
 /// The volumes as bound on the source: PV (and ZFSVolume) as JSON.
@@ -657,24 +664,15 @@ async fn rebind(
     Ok(())
 }
 
-/// Asks the target agent to promote or demote its copy of `claim`.
+/// Asks the target agent (at `endpoint`) to promote or demote its copy of `claim`.
 async fn peer(
     ctx: &Ctx,
     m: &Migration,
     plan: &MigrationPlan,
+    endpoint: &str,
     claim: &str,
     action: PeerAction,
 ) -> Result<Option<String>, TransferError> {
-    let machines: Api<Machine> = Api::all(ctx.client.clone());
-    let endpoint = machines
-        .get(&plan.target)
-        .await
-        .map_err(|e| TransferError::Connect {
-            machine: plan.target.clone(),
-            source: std::io::Error::other(e),
-        })?
-        .spec
-        .endpoint;
     let v = plan
         .volumes
         .iter()
@@ -690,7 +688,7 @@ async fn peer(
         rate_limit: None,
         no_progress: Duration::from_secs(60),
     };
-    let tcp = tokio::net::TcpStream::connect(&endpoint)
+    let tcp = tokio::net::TcpStream::connect(endpoint)
         .await
         .map_err(|source| TransferError::Connect {
             machine: plan.target.clone(),
@@ -707,8 +705,7 @@ async fn succeed(
     c: &Cutover,
     w: &Workload,
 ) -> Result<Action, Error> {
-    let downtime = k8s_openapi::jiff::Timestamp::now().duration_since(c.started.0);
-    let downtime_ms = downtime.as_millis().max(0) as u64;
+    let downtime_ms = elapsed(&c.started).as_millis() as u64;
     let delete = m.spec.source_copy == Some(SourceCopy::Delete);
     for v in &plan.volumes {
         let ds = dataset(&v.source_dataset)?;
@@ -769,7 +766,7 @@ fn finish_metrics(ctx: &Ctx, s: &MigrationStatus, result: &str) {
     if let Some(start) = &s.start_time {
         ctx.metrics
             .duration_seconds
-            .observe(elapsed_secs(start) as f64);
+            .observe(elapsed(start).as_secs_f64());
     }
 }
 
@@ -784,9 +781,9 @@ async fn rollback(
     ctx.transfers.abort(&uid(m));
     let w = workload(ctx, m, plan);
     if let Some(c) = &s.cutover {
-        let (source_node, _) = nodes(ctx, plan).await?;
+        let e = ends(ctx, plan).await?;
         for b in &c.volumes {
-            rebind(ctx, b, "", &source_node, None).await?;
+            rebind(ctx, b, "", &e.source_node, None).await?;
         }
         if !claims_bound(ctx, m, plan).await? {
             return Ok(Action::requeue(Duration::from_millis(300)));
@@ -798,7 +795,15 @@ async fn rollback(
         }
         if c.step >= CutoverStep::FinalSent {
             for v in &plan.volumes {
-                if let Err(e) = peer(ctx, m, plan, &v.claim, PeerAction::Demote).await {
+                let demoted = peer(
+                    ctx,
+                    m,
+                    plan,
+                    &e.target_endpoint,
+                    &v.claim,
+                    PeerAction::Demote,
+                );
+                if let Err(e) = demoted.await {
                     warn!(migration = %key(m), claim = %v.claim, error = %e, "cannot demote the target's copy; it stays as it is");
                 }
             }

@@ -314,11 +314,12 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 ployz_replica: false,
                 resume_token: None,
                 capabilities,
+                // The parent's own space, not its recursive inventory.
                 available: self
-                    .inspect(&self.config.parent)
+                    .zfs
+                    .space(&self.config.parent)
                     .await
                     .ok()
-                    .flatten()
                     .map(|p| p.available),
             },
         })
