@@ -71,16 +71,25 @@ pub fn bin_dir(root: &Path) -> Result<PathBuf> {
     Ok(PathBuf::from(out.trim()))
 }
 
+/// The repository's root directory.
+pub fn repo_root() -> Result<PathBuf> {
+    Ok(Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("tests/ has no parent")?
+        .to_path_buf())
+}
+
+/// Where runs keep their journal and scratch files (`PLOYZ_RUN_DIR`); its `.lock` sibling
+/// keeps two runs apart.
+pub fn run_dir() -> PathBuf {
+    PathBuf::from(std::env::var("PLOYZ_RUN_DIR").unwrap_or_else(|_| "/var/tmp/ployz-e2e".into()))
+}
+
 impl Env {
     pub fn start(opts: Options) -> Result<Self> {
         let started = Instant::now();
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .context("tests/ has no parent")?
-            .to_path_buf();
-        let run_dir = PathBuf::from(
-            std::env::var("PLOYZ_RUN_DIR").unwrap_or_else(|_| "/var/tmp/ployz-e2e".into()),
-        );
+        let root = repo_root()?;
+        let run_dir = run_dir();
         let logs = root.join("target/e2e-logs").join(&opts.name);
         let _ = std::fs::remove_dir_all(&logs);
         std::fs::create_dir_all(&logs)?;

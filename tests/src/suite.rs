@@ -12,9 +12,9 @@ use crate::env::{Env, Options};
 /// A test of a suite.
 pub type Test = fn(&mut Env) -> Result<()>;
 
-pub fn run(opts: Options, tests: &[(&'static str, Test)]) -> ExitCode {
-    // Logs of the library code under test, on stderr: PLOYZ_LOG=ployz=info (default: errors
-    // only, since the suites provoke refusals on purpose).
+/// Logs of the library code under test, on stderr: PLOYZ_LOG=ployz=info (default: errors
+/// only, since the suites provoke refusals on purpose).
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PLOYZ_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
     let _ = tracing_subscriber::fmt()
@@ -22,6 +22,10 @@ pub fn run(opts: Options, tests: &[(&'static str, Test)]) -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
+}
+
+pub fn run(opts: Options, tests: &[(&'static str, Test)]) -> ExitCode {
+    init_logging();
     let mut args = Arguments::from_args();
     // The tests share one environment, so they run one at a time, in order.
     args.test_threads = Some(1);

@@ -215,6 +215,16 @@ fn wait_migration(
     Ok(m)
 }
 
+/// Waits until the Migration's progress shows more than `bytes` sent.
+fn wait_sent(env: &Env, ns: &str, name: &str, bytes: u64) -> Result<Migration> {
+    wait_migration(env, ns, name, &format!("{bytes} bytes sent"), DONE, |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref())
+            .is_some_and(|p| p.bytes_sent > bytes)
+    })
+}
+
 fn wait_phase(env: &Env, ns: &str, name: &str, want: Phase) -> Result<Migration> {
     wait_migration(env, ns, name, &format!("{want:?}"), DONE, |m| {
         phase(m) == Some(want)
@@ -488,9 +498,7 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
 
 /// A failed Migration with `reason`; the workload still runs on machine-a, unlocked.
 fn assert_failed_untouched(env: &Env, ns: &str, name: &str, reason: &str) -> Result<()> {
-    let m = wait_migration(env, ns, name, "Failed", DONE, |m| {
-        phase(m) == Some(Phase::Failed)
-    })?;
+    let m = wait_phase(env, ns, name, Phase::Failed)?;
     let s = m.status.unwrap_or_default();
     ensure!(
         s.reason.as_deref() == Some(reason),
@@ -529,9 +537,7 @@ fn refusals(env: &mut Env) -> Result<()> {
             ..Request::new(ns, "no-workload", B)
         },
     )?;
-    let m = wait_migration(env, ns, "no-workload", "Failed", DONE, |m| {
-        phase(m) == Some(Phase::Failed)
-    })?;
+    let m = wait_phase(env, ns, "no-workload", Phase::Failed)?;
     ensure!(
         m.status.and_then(|s| s.reason).as_deref() == Some("WorkloadNotFound"),
         "expected WorkloadNotFound"
@@ -588,16 +594,9 @@ fn duplicate_and_cancel(env: &mut Env) -> Result<()> {
             ..Request::new(ns, "slow", B)
         },
     )?;
-    wait_migration(env, ns, "slow", "sending bytes", DONE, |m| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.progress.as_ref())
-            .is_some_and(|p| p.bytes_sent > 0)
-    })?;
+    wait_sent(env, ns, "slow", 0)?;
     migrate(env, &Request::new(ns, "second", B))?;
-    let second = wait_migration(env, ns, "second", "Failed", DONE, |m| {
-        phase(m) == Some(Phase::Failed)
-    })?;
+    let second = wait_phase(env, ns, "second", Phase::Failed)?;
     let s = second.status.unwrap_or_default();
     ensure!(
         s.reason.as_deref() == Some("DuplicateMigration"),
@@ -651,12 +650,7 @@ fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
             ..Request::new(ns, "web-to-b", B)
         },
     )?;
-    wait_migration(env, ns, "web-to-b", "a quarter sent", DONE, |m| {
-        m.status
-            .as_ref()
-            .and_then(|s| s.progress.as_ref())
-            .is_some_and(|p| p.bytes_sent > 8 << 20)
-    })?;
+    wait_sent(env, ns, "web-to-b", 8 << 20)?;
     {
         let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
         let i = running

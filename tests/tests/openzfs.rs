@@ -4,7 +4,6 @@
 //! machines and the engine streams between them over TLS on the loopback.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +20,7 @@ use ployz::zfs::base::BaseError;
 use ployz::zfs::{DatasetName, SendArgs, Zfs, ZfsCli};
 use ployz_e2e::agents::AgentCa;
 use ployz_e2e::process::run;
+use ployz_e2e::wait::wait_for;
 
 type Test = fn(&Guest) -> Result<()>;
 
@@ -60,13 +60,8 @@ fn on_host() -> Result<ExitCode> {
             .collect();
         return Ok(libtest_mimic::run(&args, trials).exit_code());
     }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .context("tests/ has no parent")?
-        .to_path_buf();
-    let run_dir = PathBuf::from(
-        std::env::var("PLOYZ_RUN_DIR").unwrap_or_else(|_| "/var/tmp/ployz-e2e".into()),
-    );
+    let root = ployz_e2e::env::repo_root()?;
+    let run_dir = ployz_e2e::env::run_dir();
     let _lock = ployz_e2e::reaper::begin(&run_dir)?;
     let image = ployz_e2e::vm::image(&root)?;
     eprintln!("[harness] booting the OpenZFS guest ({})", image.display());
@@ -91,12 +86,7 @@ fn on_host() -> Result<ExitCode> {
 }
 
 fn in_guest() -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            std::env::var("PLOYZ_LOG").unwrap_or_else(|_| "error".into()),
-        ))
-        .with_writer(std::io::stderr)
-        .try_init();
+    ployz_e2e::suite::init_logging();
     let mut args = Arguments::from_args();
     args.test_threads = Some(1);
     let guest = match Guest::start() {
@@ -363,18 +353,17 @@ fn resume_after_cut(g: &Guest) -> Result<()> {
     ensure!(cut.is_none(), "the send finished before the cut: {cut:?}");
     let before_cut = progress.stream();
     // The receiver keeps the partial state and a token.
-    let token = (0..100)
-        .find_map(|_| {
-            let t = sh("zfs get -H -o value receive_resume_token dst/ployz/cut").ok()?;
-            let t = t.trim().to_string();
-            if t.is_empty() || t == "-" {
-                std::thread::sleep(Duration::from_millis(200));
-                None
-            } else {
-                Some(t)
-            }
-        })
-        .context("no receive_resume_token after the cut")?;
+    let mut token = String::new();
+    wait_for(
+        "receive_resume_token after the cut",
+        Duration::from_secs(20),
+        || {
+            token = sh("zfs get -H -o value receive_resume_token dst/ployz/cut")?
+                .trim()
+                .to_string();
+            Ok(!token.is_empty() && token != "-")
+        },
+    )?;
     ensure!(token.len() > 10);
     job.rate_limit = None;
     let again = Progress::default();
