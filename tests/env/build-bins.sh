@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the test cluster's binaries (etcd, kube-apiserver, kube-controller-manager,
-# kube-scheduler, kubectl, kwok) from Go modules with the machine's Go, into a cache keyed by
+# kube-scheduler, kubelet, kubectl, kwok) from Go modules with the machine's Go, into a cache keyed by
 # version. A second run with the same versions builds nothing.
 #
 # Why a wrapper module: k8s.io/kubernetes replaces its staging modules (k8s.io/api, ...) with
@@ -17,7 +17,7 @@ BIN="$CACHE/bin/k8s-$K8S_VERSION-etcd-$ETCD_VERSION-kwok-$KWOK_VERSION"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOFLAGS=-buildvcs=false
 export GOTOOLCHAIN=local CGO_ENABLED=0
 
-want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kwok kwok-stages.yaml)
+want=(etcd kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl kwok kwok-stages.yaml)
 missing=()
 for b in "${want[@]}"; do [ -e "$BIN/$b" ] || missing+=("$b"); done
 if [ ${#missing[@]} -eq 0 ]; then
@@ -51,13 +51,13 @@ build_k8s() {
   } > "$mod/go.mod"
   log "k8s wrapper module: $(grep -c '=> k8s.io' "$mod/go.mod") staging modules pinned to v0.$minor.$patch"
   local pkgs=()
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do pkgs+=("k8s.io/kubernetes/cmd/$b"); done
   (cd "$mod" && go get "${pkgs[@]/%/@$K8S_VERSION}" >&2)
   local ld="-s -w"
   for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     ld+=" -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean"
   done
-  for b in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  for b in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
     case " ${missing[*]} " in *" $b "*) ;; *) continue ;; esac
     log "go build $b"
     (cd "$mod" && go build -ldflags "$ld" -o "$BIN/$b.tmp" "k8s.io/kubernetes/cmd/$b" && mv "$BIN/$b.tmp" "$BIN/$b")
@@ -97,6 +97,6 @@ kwok_stages() {
 case " ${missing[*]} " in *" etcd "*) build_etcd ;; esac
 case " ${missing[*]} " in *" kwok "*) build_kwok ;; esac
 case " ${missing[*]} " in *" kwok-stages.yaml "*) kwok_stages ;; esac
-case " ${missing[*]} " in *" kube-"*|*" kubectl "*) build_k8s ;; esac
+case " ${missing[*]} " in *" kube-"*|*" kubelet "*|*" kubectl "*) build_k8s ;; esac
 log "done"
 echo "$BIN"

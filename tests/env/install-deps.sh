@@ -1,13 +1,22 @@
 #!/usr/bin/env bash
 # Installs what a fresh machine of this kind lacks for the tests and the demo: zfs-fuse (the
-# test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter), and for
-# the benchmark openssh.
+# test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter),
+# containerd + runc + the CNI plugins (each test machine's container runtime; runc, not crun,
+# which fails on this host's hybrid cgroups), busybox-static and gcc (the locally built
+# images), iptables and conntrack (kubelet's host checks), and for the benchmark openssh.
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 need=()
 command -v /sbin/zfs-fuse >/dev/null 2>&1 || need+=(zfs-fuse)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+[ -x /usr/bin/containerd ] || need+=(containerd)
+[ -x /usr/sbin/runc ] || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q "ok installed" || need+=(busybox-static)
+command -v iptables >/dev/null 2>&1 || need+=(iptables)
+command -v conntrack >/dev/null 2>&1 || need+=(conntrack)
+command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 # `install-deps.sh bench`: the ssh baseline of the benchmark.
 if [ "${1:-}" = bench ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)

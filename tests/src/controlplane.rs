@@ -1,6 +1,8 @@
-//! A real Kubernetes control plane: etcd, kube-apiserver (RBAC, an admin client certificate,
-//! service-account keys), kube-controller-manager, kube-scheduler, and kwok, which plays the
-//! kubelet for the machines' nodes so pods are scheduled and turn Ready.
+//! A real Kubernetes control plane: etcd, kube-apiserver (the Node authorizer and RBAC,
+//! NodeRestriction, an admin client certificate, service-account keys, a client identity
+//! towards the kubelets), kube-controller-manager and kube-scheduler. The machines' kubelets
+//! are real (see `node.rs`); kwok, which fakes kubelets, is started only for environments that
+//! ask for fake nodes (scale tests).
 
 use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -13,7 +15,7 @@ use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Api, Client, Config};
 
-use crate::network::{HOST_IP, POD_CIDR, SERVICE_CIDR};
+use crate::network::{HOST_IP, KWOK_POD_CIDR, SERVICE_CIDR};
 use crate::pki::Pki;
 use crate::process::{Proc, command};
 use crate::wait::until;
@@ -33,12 +35,18 @@ fn free_port(ip: IpAddr) -> Result<u16> {
 }
 
 impl ControlPlane {
-    /// Starts every component from `bins` and waits until the API server is ready and the
-    /// controller-manager has created the default service account.
-    pub async fn start(bins: &Path, dir: &Path, logs: &Path) -> Result<Self> {
+    /// Starts every component from `bins` (and kwok when `kwok`) and waits until the API
+    /// server is ready and the controller-manager has created the default service account.
+    pub async fn start(bins: &Path, dir: &Path, logs: &Path, kwok: bool) -> Result<Self> {
         let started = Instant::now();
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let pki = Pki::create(&dir.join("pki"), &[IpAddr::V4(HOST_IP), localhost])?;
+        // What the API server shows the kubelets (logs, exec): kubeadm's identity for it.
+        let (kubelet_client_cert, kubelet_client_key) = pki.client(
+            "apiserver-kubelet-client",
+            "kube-apiserver-kubelet-client",
+            "system:masters",
+        )?;
         let bin = |name: &str| bins.join(name).to_string_lossy().into_owned();
         let s = |p: &Path| p.to_string_lossy().into_owned();
         let mut procs = vec![];
@@ -84,7 +92,12 @@ impl ControlPlane {
                     format!("--advertise-address={HOST_IP}"),
                     format!("--service-cluster-ip-range={SERVICE_CIDR}"),
                     "--allow-privileged=true".into(),
-                    "--authorization-mode=RBAC".into(),
+                    "--authorization-mode=Node,RBAC".into(),
+                    "--enable-admission-plugins=NodeRestriction".into(),
+                    format!("--kubelet-client-certificate={}", s(&kubelet_client_cert)),
+                    format!("--kubelet-client-key={}", s(&kubelet_client_key)),
+                    // Kubelets are reached on their machine's address, not by a DNS name.
+                    "--kubelet-preferred-address-types=InternalIP".into(),
                     "--service-account-issuer=https://kubernetes.default.svc".into(),
                     format!("--service-account-key-file={}", s(&pki.sa_pub)),
                     format!("--service-account-signing-key-file={}", s(&pki.sa_key)),
@@ -96,7 +109,15 @@ impl ControlPlane {
         )?);
 
         let kubeconfig = dir.join("kubeconfig");
-        std::fs::write(&kubeconfig, kubeconfig_yaml(&server, &pki))?;
+        std::fs::write(
+            &kubeconfig,
+            kubeconfig_yaml(
+                &server,
+                &pki.ca_pem,
+                &pki.admin_cert_pem,
+                &pki.admin_key_pem,
+            ),
+        )?;
         let kc = format!("--kubeconfig={}", s(&kubeconfig));
 
         procs.push(Proc::spawn(
@@ -132,24 +153,26 @@ impl ControlPlane {
             &bin("kube-scheduler"),
             logs,
         )?);
-        procs.push(Proc::spawn(
-            "kwok",
-            command(
+        if kwok {
+            procs.push(Proc::spawn(
+                "kwok",
+                command(
+                    &bin("kwok"),
+                    [
+                        kc,
+                        format!("--config={}", bin("kwok-stages.yaml")),
+                        "--manage-all-nodes=false".into(),
+                        "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
+                        format!("--cidr={KWOK_POD_CIDR}"),
+                        format!("--node-ip={HOST_IP}"),
+                        format!("--server-address=127.0.0.1:{}", free_port(localhost)?),
+                        "--node-lease-duration-seconds=40".into(),
+                    ],
+                ),
                 &bin("kwok"),
-                [
-                    kc,
-                    format!("--config={}", bin("kwok-stages.yaml")),
-                    "--manage-all-nodes=false".into(),
-                    "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake".into(),
-                    format!("--cidr={POD_CIDR}"),
-                    format!("--node-ip={HOST_IP}"),
-                    format!("--server-address=127.0.0.1:{}", free_port(localhost)?),
-                    "--node-lease-duration-seconds=40".into(),
-                ],
-            ),
-            &bin("kwok"),
-            logs,
-        )?);
+                logs,
+            )?);
+        }
 
         let mut cp = Self {
             kubeconfig,
@@ -199,6 +222,18 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A kubeconfig at `path` for the client identity in `cert` and `key` (PEM files).
+    pub fn write_kubeconfig(&self, path: &Path, cert: &Path, key: &Path) -> Result<()> {
+        let yaml = kubeconfig_yaml(
+            &self.server,
+            &self.pki.ca_pem,
+            &std::fs::read_to_string(cert)?,
+            &std::fs::read_to_string(key)?,
+        );
+        std::fs::write(path, yaml)?;
+        Ok(())
+    }
+
     /// An admin client.
     pub async fn client(&self) -> Result<Client> {
         let kc = Kubeconfig::read_from(&self.kubeconfig)?;
@@ -216,7 +251,7 @@ impl Drop for ControlPlane {
     }
 }
 
-fn kubeconfig_yaml(server: &str, pki: &Pki) -> String {
+fn kubeconfig_yaml(server: &str, ca: &str, cert: &str, key: &str) -> String {
     format!(
         "apiVersion: v1
 kind: Config
@@ -226,7 +261,7 @@ clusters:
     server: {server}
     certificate-authority-data: {ca}
 users:
-- name: admin
+- name: user
   user:
     client-certificate-data: {cert}
     client-key-data: {key}
@@ -234,11 +269,11 @@ contexts:
 - name: ployz-e2e
   context:
     cluster: ployz-e2e
-    user: admin
+    user: user
 current-context: ployz-e2e
 ",
-        ca = B64.encode(&pki.ca_pem),
-        cert = B64.encode(&pki.admin_cert_pem),
-        key = B64.encode(&pki.admin_key_pem),
+        ca = B64.encode(ca),
+        cert = B64.encode(cert),
+        key = B64.encode(key),
     )
 }

@@ -1,6 +1,7 @@
 //! The whole local environment: control plane, the cluster network, and the ZFS machines
-//! `machine-a` and `machine-b`, each a kwok-managed node. Built once per suite; dropping it
-//! (or a signal) tears everything down.
+//! `machine-a` and `machine-b`, each a real Kubernetes node (kubelet, containerd, runc) unless
+//! fake kwok nodes are asked for. Built once per suite; dropping it (or a signal) tears
+//! everything down.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
@@ -15,8 +16,9 @@ use kube::api::{Api, PostParams};
 use crate::controlplane::ControlPlane;
 use crate::machine::ZfsMachine;
 use crate::network;
+use crate::node::{self, KubeNode};
 use crate::reaper::{self, Resource};
-use crate::wait::until;
+use crate::wait::wait_for;
 
 /// The machines every environment has.
 pub const MACHINES: [(&str, Ipv4Addr); 2] = [
@@ -27,12 +29,22 @@ pub const MACHINES: [(&str, Ipv4Addr); 2] = [
 /// Name of the ZFS pool on every machine.
 pub const POOL: &str = "tank";
 
+/// What plays the machines' nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Nodes {
+    /// A real kubelet with containerd and runc on every machine: pods run, volumes mount.
+    Real,
+    /// kwok fakes the kubelets: placement is real, no container runs. For scale tests only.
+    Kwok,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Names this environment's log directory.
     pub name: String,
     /// Size of each machine's (sparse) pool file.
     pub pool_size: u64,
+    pub nodes: Nodes,
 }
 
 impl Options {
@@ -40,6 +52,7 @@ impl Options {
         Self {
             name: name.to_string(),
             pool_size: 2 << 30,
+            nodes: Nodes::Real,
         }
     }
 }
@@ -49,6 +62,8 @@ pub struct Env {
     pub rt: tokio::runtime::Runtime,
     pub client: Client,
     pub machines: Vec<ZfsMachine>,
+    /// The machines' real nodes (empty with kwok).
+    pub nodes: Vec<KubeNode>,
     /// Repository root.
     pub root: PathBuf,
     /// Where component logs go (kept after the run, for post-mortems).
@@ -67,6 +82,18 @@ pub fn bin_dir(root: &Path) -> Result<PathBuf> {
     }
     let out = crate::process::run(&mut std::process::Command::new(
         root.join("tests/env/build-bins.sh"),
+    ))?;
+    Ok(PathBuf::from(out.trim()))
+}
+
+/// The directory of the locally built images (`PLOYZ_IMAGES_DIR`, set by `make`), or the
+/// result of running their build script, which is a no-op when they are cached.
+pub fn images_dir(root: &Path) -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PLOYZ_IMAGES_DIR") {
+        return Ok(dir.into());
+    }
+    let out = crate::process::run(&mut std::process::Command::new(
+        root.join("tests/images/build-images.sh"),
     ))?;
     Ok(PathBuf::from(out.trim()))
 }
@@ -95,6 +122,10 @@ impl Env {
         std::fs::create_dir_all(&logs)?;
         let lock = reaper::begin(&run_dir)?;
         let bins = bin_dir(&root)?;
+        let images = match opts.nodes {
+            Nodes::Real => Some(images_dir(&root)?),
+            Nodes::Kwok => None,
+        };
         // The run directory's contents go at teardown; the lock file next to it stays.
         reaper::register(Resource::Dir(run_dir.join("state")));
         let state = run_dir.join("state");
@@ -105,23 +136,38 @@ impl Env {
             .enable_all()
             .build()?;
         network::create_bridge()?;
-        let control_plane = rt.block_on(ControlPlane::start(&bins, &state, &logs))?;
+        let control_plane = rt.block_on(ControlPlane::start(
+            &bins,
+            &state,
+            &logs,
+            opts.nodes == Nodes::Kwok,
+        ))?;
         let client = rt.block_on(control_plane.client())?;
-        let mut machines = vec![];
-        for (name, ip) in MACHINES {
-            machines.push(ZfsMachine::create(name, ip, POOL, opts.pool_size, &state)?);
-        }
-        let env = Self {
+        let mut env = Self {
             rt,
             client,
-            machines,
+            machines: vec![],
+            nodes: vec![],
             root,
             logs,
             state,
             control_plane: Some(control_plane),
             _lock: lock,
         };
-        env.rt.block_on(env.create_nodes())?;
+        for (name, ip) in MACHINES {
+            env.machines.push(ZfsMachine::create(
+                name,
+                ip,
+                POOL,
+                opts.pool_size,
+                &env.state,
+            )?);
+        }
+        match &images {
+            Some(images) => env.start_nodes(&bins, images)?,
+            None => env.rt.block_on(env.create_kwok_nodes())?,
+        }
+        env.wait_nodes_ready()?;
         eprintln!(
             "[harness] environment {:?} ready in {:.1}s (logs in {})",
             opts.name,
@@ -151,8 +197,59 @@ impl Env {
         self.rt.block_on(f)
     }
 
-    /// One kwok-managed node per machine, waited on until Ready.
-    async fn create_nodes(&self) -> Result<()> {
+    /// A kubelet and containerd on every machine, and the routes between their pod networks.
+    fn start_nodes(&mut self, bins: &Path, images: &Path) -> Result<()> {
+        node::record_sysctls()?;
+        let cp = self
+            .control_plane
+            .as_ref()
+            .context("control plane stopped")?;
+        for (i, m) in self.machines.iter().enumerate() {
+            let index = u8::try_from(i + 1)?;
+            self.nodes
+                .push(KubeNode::start(m, index, cp, bins, images, &self.logs)?);
+        }
+        // Each machine routes the others' pod networks to them over the shared link.
+        for m in &self.machines {
+            for (other, n) in self.machines.iter().zip(&self.nodes) {
+                if other.name != m.name {
+                    m.sh(&format!(
+                        "ip route replace {} via {}",
+                        n.pod_subnet,
+                        other.ip()
+                    ))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until every machine's node is Ready (a kubelet that dies fails it at once).
+    fn wait_nodes_ready(&mut self) -> Result<()> {
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        for i in 0..self.machines.len() {
+            let name = self.machines[i].name.clone();
+            let (rt, node) = (&self.rt, &mut self.nodes.get_mut(i));
+            wait_for(
+                &format!(
+                    "node {name} Ready (its kubelet logs to {})",
+                    self.logs.display()
+                ),
+                Duration::from_secs(90),
+                || {
+                    if let Some(n) = node.as_mut() {
+                        n.check_running()?;
+                    }
+                    let got = rt.block_on(nodes.get_opt(&name))?;
+                    Ok(got.as_ref().is_some_and(node_ready))
+                },
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One kwok-managed node per machine.
+    async fn create_kwok_nodes(&self) -> Result<()> {
         let nodes: Api<Node> = Api::all(self.client.clone());
         for m in &self.machines {
             let node: Node = serde_json::from_value(serde_json::json!({
@@ -166,7 +263,7 @@ impl Env {
                         "kubernetes.io/os": "linux",
                         "kubernetes.io/arch": "amd64",
                         // The topology key OpenEBS zfs-localpv pins its volumes with.
-                        "openebs.io/nodeid": m.name,
+                        "openebs.io/nodeid": m.zfs_node_id(),
                         "type": "kwok",
                     },
                 },
@@ -177,19 +274,6 @@ impl Env {
                 },
             }))?;
             nodes.create(&PostParams::default(), &node).await?;
-        }
-        for m in &self.machines {
-            let nodes = nodes.clone();
-            until(
-                &format!("node {} Ready", m.name),
-                Duration::from_secs(60),
-                || {
-                    let nodes = nodes.clone();
-                    let name = m.name.clone();
-                    async move { Ok(node_ready(&nodes.get(&name).await?).then_some(())) }
-                },
-            )
-            .await?;
         }
         Ok(())
     }
@@ -221,7 +305,9 @@ pub fn node_ready(node: &Node) -> bool {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // Machines first (their pools), then the control plane, then whatever else was made.
+        // Nodes first (their containers use the pools), then the machines, then the control
+        // plane, then whatever else was made.
+        self.nodes.clear();
         self.machines.clear();
         self.control_plane.take();
         reaper::release_all();

@@ -12,7 +12,9 @@ use kube::Client;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 
+use crate::ledger;
 use crate::machine::ZfsMachine;
+use crate::node::LEDGER_IMAGE;
 use crate::wait::until;
 
 const FIELD_MANAGER: &str = "ployz-e2e";
@@ -144,7 +146,25 @@ pub async fn create_local_volume(
     Ok(vol)
 }
 
-/// A one-replica Deployment `name` (label app=NAME) mounting `claim` at /data.
+/// The test app's container: `ledger` writing into `dir`, Ready once it answers over HTTP.
+fn ledger_container(name: &str, dir: &str) -> serde_json::Value {
+    json!({
+        "name": name,
+        "image": LEDGER_IMAGE,
+        // Images are imported into each machine's containerd; there is no registry.
+        "imagePullPolicy": "Never",
+        "args": [dir, ledger::PORT.to_string()],
+        "ports": [{"containerPort": ledger::PORT}],
+        "readinessProbe": {
+            "httpGet": {"path": "/", "port": ledger::PORT},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        },
+    })
+}
+
+/// A one-replica Deployment `name` (label app=NAME) running the ledger app on `claim`,
+/// mounted at /data.
 pub async fn create_deployment(
     client: &Client,
     namespace: &str,
@@ -152,6 +172,8 @@ pub async fn create_deployment(
     claim: &str,
 ) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
+    let mut container = ledger_container("app", "/data");
+    container["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
@@ -161,12 +183,11 @@ pub async fn create_deployment(
             "template": {
                 "metadata": {"labels": {"app": name}},
                 "spec": {
-                    "containers": [{
-                        "name": "app",
-                        "image": "registry.k8s.io/pause:3.10",
-                        "volumeMounts": [{"name": "data", "mountPath": "/data"}],
-                    }],
+                    "containers": [container],
                     "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": claim}}],
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "terminationGracePeriodSeconds": 10,
                 },
             },
         },
@@ -291,8 +312,9 @@ pub async fn rebind_volume(client: &Client, vol: &LocalVolume, node: &str) -> Re
     Ok(())
 }
 
-/// A one-replica StatefulSet `name` (label app=NAME) with a volume claim template per entry
-/// of `templates`; the claims `TEMPLATE-NAME-0` must exist (see [`create_local_volume`]).
+/// A one-replica StatefulSet `name` (label app=NAME) running the ledger app, with a volume
+/// claim template per entry of `templates` (the ledger goes into the first); the claims
+/// `TEMPLATE-NAME-0` must exist (see [`create_local_volume`]).
 pub async fn create_statefulset(
     client: &Client,
     namespace: &str,
@@ -317,6 +339,9 @@ pub async fn create_statefulset(
             })
         })
         .collect();
+    // The app writes its ledger into the first volume.
+    let mut container = ledger_container("db", &format!("/{}", templates[0]));
+    container["volumeMounts"] = json!(mounts);
     let s: StatefulSet = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
@@ -325,11 +350,12 @@ pub async fn create_statefulset(
             "selector": {"matchLabels": {"app": name}},
             "template": {
                 "metadata": {"labels": {"app": name}},
-                "spec": {"containers": [{
-                    "name": "db",
-                    "image": "registry.k8s.io/pause:3.10",
-                    "volumeMounts": mounts,
-                }]},
+                "spec": {
+                    "containers": [container],
+                    "automountServiceAccountToken": false,
+                    "enableServiceLinks": false,
+                    "terminationGracePeriodSeconds": 10,
+                },
             },
             "volumeClaimTemplates": claims,
         },

@@ -1,9 +1,11 @@
 //! A test machine: a network namespace, and a zfs-fuse daemon in a private mount namespace
-//! inside it, with a file-backed pool. Everything the machine's agent or a test does "on the
-//! machine" runs through [`ZfsMachine::command`], which enters both namespaces.
+//! inside it, with a file-backed pool. Everything the machine's agent, kubelet, container
+//! runtime or a test does "on the machine" runs through [`ZfsMachine::command`], which enters
+//! both namespaces.
 //!
-//! zfs-fuse uses fixed paths (/run/zfs socket, /run/lock/zfs, /var/lib/zfs), so each daemon
-//! gets tmpfs mounts over them in its own mount namespace; see shared/notes/zfs-fuse.md.
+//! zfs-fuse uses fixed paths (/run/zfs socket, /run/lock/zfs, /var/lib/zfs), and kubelet,
+//! containerd and CNI write to /run, /var/log and /var/lib/cni, so each machine gets private
+//! tmpfs mounts over them; see shared/notes/zfs-fuse.md and shared/notes/real-nodes/.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -27,6 +29,8 @@ pub struct ZfsMachine {
     pub net: MachineNet,
     pub pool: String,
     pub pool_file: PathBuf,
+    /// The machine's scratch directory on the host.
+    pub dir: PathBuf,
     daemon: Proc,
 }
 
@@ -42,11 +46,18 @@ impl ZfsMachine {
         let net = MachineNet::create(name, ip)?;
         let dir = run_dir.join(name);
         std::fs::create_dir_all(&dir)?;
-        // Each daemon gets private tmpfs mounts over zfs-fuse's fixed paths and over the pool's
-        // mountpoint, so nothing it creates (sockets, caches, mountpoint directories) can land
-        // on the host's filesystem, even when a run is killed half-way. Only the empty
-        // mountpoint directories are made on the host, and removed again if they were ours.
-        let private_dirs = ["/run/zfs", "/run/lock/zfs", "/var/lib/zfs", POOL_ROOT];
+        // Each machine gets private tmpfs mounts over the fixed paths its daemons write to and
+        // over the pool's mountpoint, so nothing they create (sockets, caches, pod logs, CNI
+        // state, mountpoint directories) can land on the host's filesystem, even when a run is
+        // killed half-way; it all goes with the mount namespace. Only the empty mountpoint
+        // directories are made on the host, and removed again if they were ours.
+        let private_dirs = [
+            "/run",
+            "/var/log",
+            "/var/lib/zfs",
+            "/var/lib/cni",
+            POOL_ROOT,
+        ];
         for d in private_dirs {
             if !Path::new(d).exists() {
                 reaper::register(Resource::EmptyDir(d.into()));
@@ -57,8 +68,11 @@ impl ZfsMachine {
         std::fs::write(
             &script,
             format!(
-                "set -e\nmount --make-rprivate /\nfor d in {}; do mount -t tmpfs tmpfs \"$d\"; done\nulimit -s unlimited\nexec /sbin/zfs-fuse -n --no-kstat-mount\n",
-                private_dirs.join(" ")
+                "set -e\nmount --make-rprivate /\nfor d in {}; do mount -t tmpfs -o mode=755 tmpfs \"$d\"; done\n\
+                 mkdir -p /run/zfs /run/lock/zfs /var/log/pods /var/log/containers\n{}\
+                 ulimit -s unlimited\nexec /sbin/zfs-fuse -n --no-kstat-mount\n",
+                private_dirs.join(" "),
+                cgroup_mounts()?,
             ),
         )?;
         let cmd = command(
@@ -81,6 +95,7 @@ impl ZfsMachine {
             net,
             pool: pool.to_string(),
             pool_file: dir.join("pool.img"),
+            dir: dir.clone(),
             daemon,
         };
         wait_for(
@@ -102,6 +117,11 @@ impl ZfsMachine {
 
     pub fn ip(&self) -> Ipv4Addr {
         self.net.ip
+    }
+
+    /// The machine's OpenEBS zfs-localpv node ID (its node's `openebs.io/nodeid` label).
+    pub fn zfs_node_id(&self) -> String {
+        self.name.clone()
     }
 
     /// PID of the zfs-fuse daemon (its namespaces are the machine's).
@@ -141,15 +161,36 @@ impl ZfsMachine {
     }
 
     /// SHA-256 of every regular file under `dir`, as `sha256sum` lines sorted by path
-    /// relative to `dir`.
+    /// relative to `dir`; the test app's live ledger is left out (its running copy grows; it
+    /// is verified record by record instead, see `ledger.rs`).
     pub fn checksums(&self, dir: &str) -> Result<String> {
         if !dir.starts_with('/') || dir.contains('\'') {
             bail!("checksums: {dir:?} must be an absolute path without quotes");
         }
         self.sh(&format!(
-            "cd '{dir}' && find . -type f -print0 | sort -z | xargs -0 -r sha256sum"
+            "cd '{dir}' && find . -type f ! -name {} -print0 | sort -z | xargs -0 -r sha256sum",
+            crate::ledger::FILE
         ))
     }
+}
+
+/// Shell lines that mount the host's cgroup hierarchies again: `ip netns exec` gives the
+/// machine a fresh /sys without them, and runc and kubelet need them (same hierarchies, so a
+/// cgroup the host sees as `/sys/fs/cgroup/pids/pz-machine-a` is the machine's too).
+fn cgroup_mounts() -> Result<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts")?;
+    let mut out = String::from("mount -t tmpfs -o mode=755 tmpfs /sys/fs/cgroup\n");
+    for line in mounts.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [_, dir, kind, opts, ..] = f[..] else {
+            continue;
+        };
+        if !dir.starts_with("/sys/fs/cgroup/") || !matches!(kind, "cgroup" | "cgroup2") {
+            continue;
+        }
+        out += &format!("mkdir -p {dir}\nmount -t {kind} -o {opts} cgroup {dir}\n");
+    }
+    Ok(out)
 }
 
 impl Drop for ZfsMachine {

@@ -18,8 +18,14 @@ pub const BRIDGE: &str = "pz-br0";
 pub const HOST_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 /// Prefix length of the test network.
 pub const PREFIX: u8 = 24;
-/// Pod addresses kwok hands out (never contacted).
-pub const POD_CIDR: &str = "198.19.0.0/17";
+/// Pod addresses kwok hands out to fake nodes (never contacted).
+pub const KWOK_POD_CIDR: &str = "198.19.0.0/17";
+
+/// The pod network of the machine with index `i` (1-based): `198.19.i.0/24`, bridged on the
+/// machine (CNI bridge `cni0`) and routed to by the host and the other machines.
+pub fn pod_subnet(i: u8) -> String {
+    format!("198.19.{i}.0/24")
+}
 /// Service cluster IPs (never contacted).
 pub const SERVICE_CIDR: &str = "198.19.128.0/24";
 

@@ -1,5 +1,7 @@
 //! Certificates for the test control plane: a cluster CA, the API server's serving
-//! certificate, an admin client identity in `system:masters`, and the service-account key pair.
+//! certificate, an admin client identity in `system:masters`, the service-account key pair, and
+//! client identities issued on demand (each kubelet's `system:node:NAME`, the API server's
+//! identity towards the kubelets).
 
 use std::path::{Path, PathBuf};
 
@@ -9,9 +11,10 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType,
 };
 
-/// PEM files written by [`Pki::create`].
-#[derive(Debug, Clone)]
+/// PEM files written by [`Pki::create`], and the CA to issue more.
 pub struct Pki {
+    dir: PathBuf,
+    ca: CertifiedIssuer<'static, KeyPair>,
     pub ca_cert: PathBuf,
     pub ca_pem: String,
     pub serving_cert: PathBuf,
@@ -73,6 +76,7 @@ impl Pki {
             Ok(p)
         };
         Ok(Self {
+            dir: dir.to_path_buf(),
             ca_cert: write("ca.crt", &ca.pem())?,
             ca_pem: ca.pem(),
             serving_cert: write("apiserver.crt", &serving_cert.pem())?,
@@ -81,6 +85,33 @@ impl Pki {
             admin_key_pem: admin_key.serialize_pem(),
             sa_key: write("sa.key", &sa.serialize_pem())?,
             sa_pub: write("sa.pub", &sa.public_key_pem())?,
+            ca,
         })
+    }
+
+    /// A client identity `CN=cn, O=org` signed by the cluster CA, written as `NAME.crt` and
+    /// `NAME.key`; returns their paths.
+    pub fn client(&self, name: &str, cn: &str, org: &str) -> Result<(PathBuf, PathBuf)> {
+        let mut p = CertificateParams::new(vec![])?;
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.distinguished_name.push(DnType::OrganizationName, org);
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate()?;
+        let cert = p.signed_by(&key, &self.ca)?;
+        let (c, k) = (
+            self.dir.join(format!("{name}.crt")),
+            self.dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
+    }
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("dir", &self.dir)
+            .finish_non_exhaustive()
     }
 }

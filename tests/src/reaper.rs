@@ -4,7 +4,8 @@
 //!
 //! Resources are recorded in a journal file under the run directory so the next run can undo
 //! what a crashed one left: processes are killed by PID (after checking the PID still runs the
-//! recorded program), network namespaces and links deleted, directories removed.
+//! recorded program), cgroup trees emptied (their processes killed: containers, shims) and
+//! removed, network namespaces and links deleted, directories removed, sysctls restored.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -31,6 +32,11 @@ pub enum Resource {
     Dir(PathBuf),
     /// An empty directory the harness created as a mountpoint (removed only if empty).
     EmptyDir(PathBuf),
+    /// A cgroup `/NAME` in every cgroup v1 hierarchy: every process in its subtree is killed,
+    /// then the subtree removed. Containers and shims of a test machine live in these.
+    Cgroup(String),
+    /// A sysctl (`kernel.panic`) and the value to restore (kubelet changes a few).
+    Sysctl { key: String, value: String },
 }
 
 impl Resource {
@@ -41,6 +47,8 @@ impl Resource {
             Resource::Link(n) => format!("link {n}"),
             Resource::Dir(p) => format!("dir {}", p.display()),
             Resource::EmptyDir(p) => format!("emptydir {}", p.display()),
+            Resource::Cgroup(n) => format!("cgroup {n}"),
+            Resource::Sysctl { key, value } => format!("sysctl {key} {value}"),
         }
     }
 
@@ -58,6 +66,14 @@ impl Resource {
             "link" => Resource::Link(rest.to_string()),
             "dir" => Resource::Dir(rest.into()),
             "emptydir" => Resource::EmptyDir(rest.into()),
+            "cgroup" => Resource::Cgroup(rest.to_string()),
+            "sysctl" => {
+                let (key, value) = rest.split_once(' ')?;
+                Resource::Sysctl {
+                    key: key.to_string(),
+                    value: value.to_string(),
+                }
+            }
             _ => return None,
         })
     }
@@ -81,6 +97,100 @@ impl Resource {
             }
             Resource::EmptyDir(p) => {
                 let _ = fs::remove_dir(p);
+            }
+            Resource::Cgroup(n) => remove_cgroup(n),
+            Resource::Sysctl { key, value } => {
+                if let Err(e) = fs::write(sysctl_path(key), value) {
+                    eprintln!("[harness] cannot restore sysctl {key}={value}: {e}");
+                }
+            }
+        }
+    }
+}
+
+/// `/proc/sys/...` of a dotted sysctl name.
+pub fn sysctl_path(key: &str) -> PathBuf {
+    Path::new("/proc/sys").join(key.replace('.', "/"))
+}
+
+/// The current value of a sysctl.
+pub fn sysctl(key: &str) -> Result<String> {
+    let p = sysctl_path(key);
+    Ok(fs::read_to_string(&p)
+        .with_context(|| format!("reading {}", p.display()))?
+        .trim()
+        .to_string())
+}
+
+/// `/sys/fs/cgroup/H/NAME` for every cgroup v1 hierarchy H that has it.
+pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir("/sys/fs/cgroup") else {
+        return vec![];
+    };
+    entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "unified")
+        .map(|e| e.path().join(name))
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// Directories of a cgroup subtree, deepest first.
+fn subtree(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    if let Ok(entries) = fs::read_dir(dir) {
+        for e in entries.filter_map(|e| e.ok()) {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                out.extend(subtree(&e.path()));
+            }
+        }
+    }
+    out.push(dir.to_path_buf());
+    out
+}
+
+/// Every process in the subtree of `/NAME` in any hierarchy.
+fn cgroup_pids(name: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = cgroup_dirs(name)
+        .iter()
+        .flat_map(|d| subtree(d))
+        .filter_map(|d| fs::read_to_string(d.join("cgroup.procs")).ok())
+        .flat_map(|t| {
+            t.lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Kills every process of the cgroup tree `/NAME` (SIGKILL: containers and shims of a machine
+/// being torn down have nothing to save), waits until it is empty, removes it.
+pub fn remove_cgroup(name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let pids = cgroup_pids(name);
+        if pids.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("[harness] cgroup /{name} still has processes {pids:?}");
+            break;
+        }
+        for pid in pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for top in cgroup_dirs(name) {
+        for d in subtree(&top) {
+            // An emptied cgroup can take a moment to become removable (EBUSY).
+            let gone = || !d.exists() || fs::remove_dir(&d).is_ok();
+            let until = Instant::now() + Duration::from_secs(5);
+            while !gone() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
     }
@@ -257,6 +367,11 @@ mod tests {
             Resource::Link("pz-br0".into()),
             Resource::Dir("/tmp/a b".into()),
             Resource::EmptyDir("/tank".into()),
+            Resource::Cgroup("pz-machine-a".into()),
+            Resource::Sysctl {
+                key: "kernel.panic".into(),
+                value: "0".into(),
+            },
         ] {
             assert_eq!(Resource::from_line(&r.to_line()), Some(r));
         }

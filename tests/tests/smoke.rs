@@ -1,12 +1,16 @@
 //! Smoke suite: the environment itself is real. A control plane that accepts the CRDs and
-//! enforces their rules, nodes whose placement semantics follow PV node affinity, two machines
-//! whose traffic crosses a real link, and ZFS that sends between them.
+//! enforces their rules, real nodes (kubelet, containerd, runc) that run the ledger app on a
+//! ZFS dataset and follow PV node affinity, two machines whose traffic crosses a real link,
+//! and ZFS that sends between them.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{ExitCode, Stdio};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{DynamicObject, GroupVersionKind};
 use kube::discovery::ApiResource;
@@ -14,8 +18,10 @@ use ployz::api::{Machine, Migration};
 use ployz::manifest::{Format, MigrationRequest, render};
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s;
+use ployz_e2e::ledger::{self, AckWatch, Ledger};
 use ployz_e2e::network::join;
 use ployz_e2e::process::run;
+use ployz_e2e::wait::wait_for;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
@@ -24,7 +30,7 @@ fn main() -> ExitCode {
         Options::new("smoke"),
         &[
             (
-                "control_plane_is_ready_with_two_kwok_nodes",
+                "control_plane_is_ready_with_two_real_nodes",
                 control_plane_ready,
             ),
             ("crds_install_and_become_established", crds_install),
@@ -38,8 +44,8 @@ fn main() -> ExitCode {
             ),
             ("machine_columns_show_in_kubectl", machine_columns),
             (
-                "local_zfs_volume_pins_and_follows_node_affinity",
-                placement_follows_pv_affinity,
+                "real_pod_writes_to_zfs_and_moves_by_hand",
+                real_pod_writes_to_zfs_and_moves_by_hand,
             ),
             (
                 "byte_stream_crosses_between_machine_namespaces",
@@ -70,6 +76,22 @@ fn control_plane_ready(env: &mut Env) -> Result<()> {
     );
     let out = kubectl(env, &["get", "nodes", "-o", "name"])?;
     ensure!(out == "node/machine-a\nnode/machine-b\n", "nodes: {out}");
+    // Real kubelets on containerd, not kwok.
+    let info = kubectl(
+        env,
+        &[
+            "get",
+            "nodes",
+            "-o",
+            "jsonpath={range .items[*]}{.status.nodeInfo.kubeletVersion} {.status.nodeInfo.containerRuntimeVersion}{\"\\n\"}{end}",
+        ],
+    )?;
+    for line in info.lines() {
+        ensure!(
+            line.starts_with("v1.36.3 containerd://"),
+            "not a real kubelet on containerd: {info}"
+        );
+    }
     Ok(())
 }
 
@@ -249,16 +271,21 @@ fn machine_columns(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-fn placement_follows_pv_affinity(env: &mut Env) -> Result<()> {
+/// A real pod of the ledger app on machine-a writes into a local PV on a ZFS dataset; moved by
+/// hand the way a cutover does (stop, final snapshot, send, rebind, start), it carries on on
+/// machine-b, where the kubelet mounts the received dataset, with no acknowledged write lost;
+/// and machine-a reaches the pod's address on machine-b across the link.
+fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
     let client = env.client.clone();
     env.block_on(k8s::create_namespace(&client, "smoke"))?;
-    let a = env.machine("machine-a")?;
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
     let vol = env.block_on(k8s::create_local_volume(&client, a, "smoke", "data"))?;
     ensure!(
         vol.path == "/tank/ployz/smoke-data",
         "mountpoint {}",
         vol.path
     );
+    let watch = AckWatch::start(&env.rt, &client, "smoke", "app=web");
     env.block_on(k8s::create_deployment(&client, "smoke", "web", "data"))?;
     env.block_on(k8s::wait_ready_on(
         &client,
@@ -267,15 +294,79 @@ fn placement_follows_pv_affinity(env: &mut Env) -> Result<()> {
         "machine-a",
         1,
     ))?;
+    wait_for("acknowledged writes", Duration::from_secs(30), || {
+        Ok(watch.acks().by_writer.values().any(|&s| s > 10))
+    })?;
+    // The container writes into the dataset: the kubelet's bind mount is the ZFS mount.
+    ensure!(Ledger::read(a, &vol.path)?.last_seq() > 10);
 
-    // Move the claim's PV to machine-b the way a cutover does: stop, rebind, start.
     env.block_on(async {
         k8s::scale_deployment(&client, "smoke", "web", 0).await?;
-        k8s::wait_no_pods(&client, "smoke", "app=web").await?;
+        k8s::wait_no_pods(&client, "smoke", "app=web").await
+    })?;
+    let snap = format!("{}@moved", vol.dataset);
+    a.zfs(&["snapshot", &snap])?;
+    b.zfs(&["create", "-p", &format!("{}/ployz", b.pool)])?;
+    let mut send = a.command("/sbin/zfs");
+    let mut sender = send.args(["send", &snap]).stdout(Stdio::piped()).spawn()?;
+    let stream = sender.stdout.take().context("zfs send stdout")?;
+    let received = b
+        .command("/sbin/zfs")
+        .args(["receive", &vol.dataset])
+        .stdin(stream)
+        .output()?;
+    ensure!(
+        sender.wait()?.success() && received.status.success(),
+        "zfs send | zfs receive failed: {}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    env.block_on(async {
         k8s::rebind_volume(&client, &vol, "machine-b").await?;
         k8s::scale_deployment(&client, "smoke", "web", 1).await?;
         k8s::wait_ready_on(&client, "smoke", "app=web", "machine-b", 1).await
     })?;
+    wait_for(
+        "acknowledgements from machine-b",
+        Duration::from_secs(30),
+        || {
+            let acks = watch.acks();
+            Ok(acks
+                .by_writer
+                .keys()
+                .any(|w| acks.node_of(w) == Some("machine-b")))
+        },
+    )?;
+    let acks = watch.stop();
+    let report = ledger::verify_move(&acks, (a, &vol.path), (b, &vol.path))?;
+    eprintln!(
+        "    {} records, none lost; the app was down {:.2}s",
+        report.last_seq,
+        report.app_downtime.as_secs_f64()
+    );
+
+    // The pod's address on machine-b answers machine-a, across the link.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "smoke");
+    let ip: std::net::Ipv4Addr = env
+        .block_on(pods.list(&ListParams::default().labels("app=web")))?
+        .items
+        .iter()
+        .find_map(|p| p.status.as_ref()?.pod_ip.clone())
+        .context("no pod IP")?
+        .parse()?;
+    let reply = join(a.net.run_in(move || {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::from((ip, ployz_e2e::ledger::PORT)),
+            Duration::from_secs(5),
+        )?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut r = String::new();
+        s.read_to_string(&mut r)?;
+        Ok(r)
+    }))?;
+    ensure!(
+        reply.contains("\"seq\""),
+        "pod on machine-b answered {reply:?}"
+    );
     Ok(())
 }
 
