@@ -203,7 +203,7 @@ impl AckWatch {
             let mut tick = 0u32;
             loop {
                 // The pods come and go during a move: look them up every 200 ms.
-                if tick % 10 == 0
+                if tick.is_multiple_of(10)
                     && let Ok(list) = pods.list(&lp).await
                 {
                     targets.clear();
