@@ -6,7 +6,9 @@
  *
  *   SEQ REALTIME_NS WRITER CRC32\n
  *
- * where CRC32 (8 hex digits) covers "SEQ REALTIME_NS WRITER". Each record is written with a
+ * where WRITER is POD@NODE (the hostname, and $NODE_NAME when set: a StatefulSet's pod keeps
+ * its name on another node) and CRC32 (8 hex digits) covers "SEQ REALTIME_NS WRITER". Each
+ * record is written with a
  * single write() and fsync()ed before it counts as acknowledged. The sequence continues from
  * the last record in the file, so a ledger moved to another machine carries on where it was.
  * A file whose last record is torn or fails its checksum is refused at start (exit 3): a real
@@ -86,8 +88,10 @@ int main(int argc, char **argv) {
   const char *dir = argc > 1 ? argv[1] : "/data";
   int port = argc > 2 ? atoi(argv[2]) : 8080;
   int interval_ms = argc > 3 ? atoi(argv[3]) : 20;
-  char writer[128] = {0};
-  gethostname(writer, sizeof writer - 1);
+  char host[64] = {0}, writer[160];
+  gethostname(host, sizeof host - 1);
+  const char *node = getenv("NODE_NAME");
+  snprintf(writer, sizeof writer, "%s%s%s", host, node ? "@" : "", node ? node : "");
   struct sigaction a = {0};
   a.sa_handler = on_term;
   sigaction(SIGTERM, &a, NULL);

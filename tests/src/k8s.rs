@@ -154,6 +154,8 @@ fn ledger_container(name: &str, dir: &str) -> serde_json::Value {
         // Images are imported into each machine's containerd; there is no registry.
         "imagePullPolicy": "Never",
         "args": [dir, ledger::PORT.to_string()],
+        // The app signs its records POD@NODE.
+        "env": [{"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}}],
         "ports": [{"containerPort": ledger::PORT}],
         "readinessProbe": {
             "httpGet": {"path": "/", "port": ledger::PORT},
@@ -163,13 +165,14 @@ fn ledger_container(name: &str, dir: &str) -> serde_json::Value {
     })
 }
 
-/// A one-replica Deployment `name` (label app=NAME) running the ledger app on `claim`,
+/// A Deployment `name` (label app=NAME) of `replicas` pods running the ledger app on `claim`,
 /// mounted at /data.
 pub async fn create_deployment(
     client: &Client,
     namespace: &str,
     name: &str,
     claim: &str,
+    replicas: i32,
 ) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let mut container = ledger_container("app", "/data");
@@ -177,7 +180,7 @@ pub async fn create_deployment(
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
-            "replicas": 1,
+            "replicas": replicas,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app": name}},
             "template": {

@@ -27,8 +27,13 @@ pub const PORT: u16 = 8080;
 pub struct Record {
     pub seq: u64,
     pub time_ns: i64,
-    /// The pod that wrote it.
+    /// Who wrote it: `POD@NODE`.
     pub writer: String,
+}
+
+/// The node of a writer `POD@NODE`.
+pub fn node_of(writer: &str) -> Option<&str> {
+    writer.split_once('@').map(|(_, node)| node)
 }
 
 /// The CRC-32 (IEEE) the app writes, over the record's text before the checksum.
@@ -163,19 +168,19 @@ impl Ledger {
     }
 }
 
-/// What the app acknowledged while it was watched: the highest sequence number per pod, and
-/// the node each pod ran on.
+/// What the app acknowledged while it was watched: the highest sequence number per writer
+/// (`POD@NODE`).
 #[derive(Debug, Clone, Default)]
 pub struct Acks {
     pub by_writer: BTreeMap<String, u64>,
-    pub nodes: BTreeMap<String, String>,
     /// Requests answered.
     pub answers: u64,
 }
 
 impl Acks {
-    pub fn node_of(&self, writer: &str) -> Option<&str> {
-        self.nodes.get(writer).map(String::as_str)
+    /// True when a pod on `node` acknowledged a write.
+    pub fn any_on(&self, node: &str) -> bool {
+        self.by_writer.keys().any(|w| node_of(w) == Some(node))
     }
 }
 
@@ -199,31 +204,21 @@ impl AckWatch {
         let lp = ListParams::default().labels(selector);
         let shared = Arc::clone(&acks);
         let task = rt.spawn(async move {
-            let mut targets: Vec<(String, String)> = vec![];
+            let mut targets: Vec<String> = vec![];
             let mut tick = 0u32;
             loop {
                 // The pods come and go during a move: look them up every 200 ms.
                 if tick.is_multiple_of(10)
                     && let Ok(list) = pods.list(&lp).await
                 {
-                    targets.clear();
-                    let mut a = shared.lock().unwrap_or_else(|p| p.into_inner());
-                    for p in list.items {
-                        let (Some(name), Some(spec), Some(status)) =
-                            (p.metadata.name, p.spec, p.status)
-                        else {
-                            continue;
-                        };
-                        if let Some(node) = spec.node_name {
-                            a.nodes.insert(name.clone(), node);
-                        }
-                        if let Some(ip) = status.pod_ip {
-                            targets.push((name, ip));
-                        }
-                    }
+                    targets = list
+                        .items
+                        .into_iter()
+                        .filter_map(|p| p.status?.pod_ip)
+                        .collect();
                 }
                 tick = tick.wrapping_add(1);
-                for (_, ip) in &targets {
+                for ip in &targets {
                     if let Ok(Some((writer, seq))) = ask(ip).await {
                         let mut a = shared.lock().unwrap_or_else(|p| p.into_inner());
                         a.answers += 1;
@@ -306,10 +301,7 @@ pub fn verify_move(
         .handovers()
         .pop()
         .context("the ledger shows no change of writer: the app never restarted on the target")?;
-    let (from_node, to_node) = (
-        acks.node_of(&handover.from.writer),
-        acks.node_of(&handover.to.writer),
-    );
+    let (from_node, to_node) = (node_of(&handover.from.writer), node_of(&handover.to.writer));
     ensure!(
         from_node == Some(source.name.as_str()) && to_node == Some(target.name.as_str()),
         "the last handover went from {} on {from_node:?} to {} on {to_node:?}, not {} -> {}",
@@ -348,17 +340,24 @@ mod tests {
 
     #[test]
     fn verifies_and_finds_handovers() -> Result<()> {
-        let text = [rec(1, 10, "a"), rec(2, 20, "a"), rec(3, 2_000_000_020, "b")].concat();
+        let text = [
+            rec(1, 10, "db-0@a"),
+            rec(2, 20, "db-0@a"),
+            rec(3, 2_000_000_020, "db-0@b"),
+        ]
+        .concat();
         let l = Ledger::parse(&text)?;
         assert_eq!(l.last_seq(), 3);
         let h = l.handovers();
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].gap(), Duration::from_secs(2));
+        assert_eq!(node_of(&h[0].to.writer), Some("b"));
         let mut acks = Acks::default();
-        acks.by_writer.insert("a".into(), 2);
-        acks.by_writer.insert("b".into(), 3);
+        acks.by_writer.insert("db-0@a".into(), 2);
+        acks.by_writer.insert("db-0@b".into(), 3);
         l.check_acks(&acks)?;
-        acks.by_writer.insert("b".into(), 4);
+        assert!(acks.any_on("b") && !acks.any_on("c"));
+        acks.by_writer.insert("db-0@b".into(), 4);
         assert!(l.check_acks(&acks).is_err(), "a lost write went unnoticed");
         Ok(())
     }

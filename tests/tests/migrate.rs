@@ -1,7 +1,10 @@
 //! Migration suite: the agents (`ployz-controller` processes, one per machine, in the
 //! machine's namespaces) move real workloads between the two zfs-fuse machines through the
-//! real control plane. Every test asserts where the pods run, what the volumes hold, and what
-//! the Migration's status says.
+//! real control plane. The workloads are real pods on real kubelets: the ledger app
+//! (tests/images/ledger.c) writes a checksummed, fsync'd record every 20 ms into the volume the
+//! kubelet mounted, also while the volume is pre-copied. Every test asserts where the pods run,
+//! what the volumes hold, what the Migration's status says, and that no write the app
+//! acknowledged is missing or torn; moves report the downtime the app itself saw.
 
 use std::process::ExitCode;
 use std::sync::{Mutex, OnceLock};
@@ -21,8 +24,9 @@ use ployz::plan::rebind::pv_on_node;
 use ployz_e2e::agents::{AGENT_HTTP_PORT, Agent, AgentCa, connect_from, workspace_binary};
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s::{self, LocalVolume};
+use ployz_e2e::ledger::{self, AckWatch, Ledger, MoveReport};
 use ployz_e2e::machine::ZfsMachine;
-use ployz_e2e::wait::until;
+use ployz_e2e::wait::{until, wait_for};
 
 const A: &str = "machine-a";
 const B: &str = "machine-b";
@@ -105,17 +109,87 @@ fn start_agent(env: &Env, ca: &AgentCa, machine: &str) -> Result<Agent> {
     )
 }
 
-/// A namespace with a Deployment `web` on a local ZFS volume on machine-a, Ready there, with
-/// `mib` MiB of files in it.
-fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<LocalVolume> {
+/// A namespace with a Deployment `web` of the ledger app on a local ZFS volume on machine-a,
+/// Ready there, with `mib` MiB of files in it, and a watch on what the app acknowledges.
+fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<(LocalVolume, AckWatch)> {
     agents(env)?;
     let a = env.machine(A)?;
     env.block_on(k8s::create_namespace(&env.client, ns))?;
     let vol = env.block_on(k8s::create_local_volume(&env.client, a, ns, "data"))?;
     write_files(a, &vol.path, "before", mib)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 1))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
-    Ok(vol)
+    let app = watch_app(env, ns, "app=web", A)?;
+    Ok((vol, app))
+}
+
+/// Watches the ledger app of `selector` until a pod on `node` has acknowledged a write.
+fn watch_app(env: &Env, ns: &str, selector: &str, node: &str) -> Result<AckWatch> {
+    let app = AckWatch::start(&env.rt, &env.client, ns, selector);
+    wait_acked_on(&app, node)?;
+    Ok(app)
+}
+
+/// Waits until a pod of the app on `node` has acknowledged a write.
+fn wait_acked_on(app: &AckWatch, node: &str) -> Result<()> {
+    wait_for(
+        &format!("the app to acknowledge a write on {node}"),
+        Duration::from_secs(60),
+        || Ok(app.acks().any_on(node)),
+    )
+}
+
+/// After a move of the app from `from` to `to` by Migration `m`: the app writes on the
+/// target, every write it acknowledged is in the target's ledger, the source's ledger is a
+/// prefix of it, the app wrote during the pre-copy; prints the downtime the app saw beside
+/// the one the Migration reports.
+fn app_moved(
+    app: &AckWatch,
+    m: &Migration,
+    from: (&ZfsMachine, &str),
+    to: (&ZfsMachine, &str),
+) -> Result<MoveReport> {
+    wait_acked_on(app, &to.0.name)?;
+    let report = ledger::verify_move(&app.acks(), from, to)?;
+    let s = m.status.clone().unwrap_or_default();
+    let sending = s
+        .phase_transitions
+        .iter()
+        .find(|t| t.phase == Phase::Sending)
+        .context("no Sending phase")?
+        .time
+        .0
+        .as_nanosecond();
+    ensure!(
+        i128::from(report.handover.from.time_ns) > sending,
+        "the app's last write on the source predates the pre-copy"
+    );
+    eprintln!(
+        "    app: {} records, none lost; downtime seen by the app {:.2}s (last write on {} -> first on {}), status.downtime {:.2}s",
+        report.last_seq,
+        report.app_downtime.as_secs_f64(),
+        from.0.name,
+        to.0.name,
+        s.downtime_milliseconds.unwrap_or_default() as f64 / 1000.0
+    );
+    Ok(report)
+}
+
+/// After a failed or cancelled move: the app writes on machine-a again and every write it
+/// acknowledged is in its ledger there.
+fn app_intact(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
+    let before = app.acks();
+    wait_for(
+        "the app to acknowledge new writes on machine-a",
+        Duration::from_secs(60),
+        || {
+            let now = app.acks();
+            Ok(now.by_writer.iter().any(|(w, &seq)| {
+                ledger::node_of(w) == Some(A) && before.by_writer.get(w).is_none_or(|&b| seq > b)
+            }))
+        },
+    )?;
+    Ledger::read(a, path)?.check_acks(&app.acks())
 }
 
 /// `count` files of 1 MiB of random data named PREFIX-N in `dir` on machine `m`.
@@ -285,7 +359,7 @@ fn lock_holder(env: &Env, ns: &str) -> Result<Option<String>> {
 
 fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
     let ns = "mig-deploy";
-    let vol = deployment_on_a(env, ns, 24)?;
+    let (vol, app) = deployment_on_a(env, ns, 24)?;
     let (a, b) = (env.machine(A)?, env.machine(B)?);
     // Rate-limited, so that files written below land during pre-copy.
     migrate(
@@ -308,6 +382,7 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
     ensure!(there > 24 << 20, "first move sent only {there} bytes");
     assert_on(env, ns, &vol.pv, "app=web", B)?;
     let on_b = mountpoint(b, &vol.dataset)?;
+    app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
     ensure!(
         a.checksums(&vol.path)? == b.checksums(&on_b)?,
         "checksums differ after the move"
@@ -336,6 +411,7 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
         "moving back sent {delta} bytes, expected about the 1 MiB written on b (first move: {there})"
     );
     assert_on(env, ns, &vol.pv, "app=web", A)?;
+    app_moved(&app, &back, (b, &on_b), (a, &vol.path))?;
     ensure!(
         a.checksums(&vol.path)? == b.checksums(&on_b)?,
         "checksums differ after moving back"
@@ -430,6 +506,7 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
         &kube::api::Patch::Merge(pin(A)),
     ))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=db", A, 1))?;
+    let app = watch_app(env, ns, "app=db", A)?;
     migrate(
         env,
         &Request {
@@ -439,6 +516,13 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
     )?;
     let m = wait_phase(env, ns, "db-to-b", Phase::Succeeded)?;
     assert_succeeded(&m)?;
+    // The app keeps its ledger in the first volume.
+    app_moved(
+        &app,
+        &m,
+        (a, &vols[0].path),
+        (b, &mountpoint(b, &vols[0].dataset)?),
+    )?;
     let plan = m.status.and_then(|s| s.plan).context("no plan")?;
     ensure!(plan.workload.kind == "StatefulSet");
     ensure!(plan.volumes.len() == 2, "{:?}", plan.volumes);
@@ -463,6 +547,11 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
+/// An OpenEBS zfs-localpv volume moves with its ZFSVolume. Its workload is stopped (0
+/// replicas): a real kubelet mounts a CSI volume only through the driver's node plugin, and
+/// zfs-localpv's cannot run on zfs-fuse (it creates datasets with `mountpoint=legacy` and
+/// mounts them with `mount -t zfs`, which needs OpenZFS's mount.zfs; zfs-fuse has only FUSE
+/// mounts). The ZFSVolume is the CRD fixture, as the node plugin would have written it.
 fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
     let ns = "mig-zfspv";
     agents(env)?;
@@ -476,16 +565,27 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
         OPENEBS,
     ))?;
     write_files(a, &vol.path, "zv", 4)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
-    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 0))?;
     migrate(env, &Request::new(ns, "web-to-b", B))?;
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
-    assert_succeeded(&m)?;
-    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let s = m.status.clone().unwrap_or_default();
+    ensure!(
+        s.phase_transitions
+            .iter()
+            .any(|t| t.phase == Phase::CuttingOver),
+        "no cutover"
+    );
+    let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+    let pv = env.block_on(pvs.get(&vol.pv))?;
+    ensure!(
+        pv_on_node(&pv, &b.zfs_node_id()),
+        "PV {} is not pinned to machine-b's zfs-localpv node ID",
+        vol.pv
+    );
     let zvs: Api<ployz::openebs::ZFSVolume> = Api::namespaced(env.client.clone(), OPENEBS);
     let zv = env.block_on(zvs.get(&vol.pv))?;
     ensure!(
-        zv.spec.owner_node_id == B,
+        zv.spec.owner_node_id == b.zfs_node_id(),
         "ZFSVolume owner is {}",
         zv.spec.owner_node_id
     );
@@ -519,7 +619,7 @@ fn assert_failed_untouched(env: &Env, ns: &str, name: &str, reason: &str) -> Res
 
 fn refusals(env: &mut Env) -> Result<()> {
     let ns = "mig-refuse";
-    let vol = deployment_on_a(env, ns, 1)?;
+    let (vol, app) = deployment_on_a(env, ns, 1)?;
     let before = env.machine(A)?.checksums(&vol.path)?;
     // With two machines, a wrong `from` names the target (from = to is refused by the API).
     migrate(
@@ -546,12 +646,12 @@ fn refusals(env: &mut Env) -> Result<()> {
         env.machine(A)?.checksums(&vol.path)? == before,
         "the volume changed"
     );
-    Ok(())
+    app_intact(&app, env.machine(A)?, &vol.path)
 }
 
 fn no_room(env: &mut Env) -> Result<()> {
     let ns = "mig-room";
-    let vol = deployment_on_a(env, ns, 48)?;
+    let (vol, app) = deployment_on_a(env, ns, 48)?;
     let b = env.machine(B)?;
     // Leave machine-b less room than the volume holds.
     let avail: u64 = b
@@ -576,7 +676,7 @@ fn no_room(env: &mut Env) -> Result<()> {
             b.zfs(&["list", "-H", "-o", "name", &vol.dataset]).is_err(),
             "a partial dataset was left on machine-b"
         );
-        Ok(())
+        app_intact(&app, env.machine(A)?, &vol.path)
     })();
     b.zfs(&["destroy", "tank/filler"])?;
     outcome
@@ -584,7 +684,7 @@ fn no_room(env: &mut Env) -> Result<()> {
 
 fn duplicate_and_cancel(env: &mut Env) -> Result<()> {
     let ns = "mig-cancel";
-    let vol = deployment_on_a(env, ns, 16)?;
+    let (vol, app) = deployment_on_a(env, ns, 16)?;
     let a = env.machine(A)?;
     let before = a.checksums(&vol.path)?;
     migrate(
@@ -627,7 +727,7 @@ fn duplicate_and_cancel(env: &mut Env) -> Result<()> {
         vol.path
     ))
     .context("the source copy is not writable after the cancel")?;
-    Ok(())
+    app_intact(&app, a, &vol.path)
 }
 
 fn source_agent_killed(env: &mut Env) -> Result<()> {
@@ -641,7 +741,7 @@ fn target_agent_killed(env: &mut Env) -> Result<()> {
 /// Kills `victim`'s agent (SIGKILL) while the volume is a quarter across, starts it again,
 /// and expects the migration to complete with intact data.
 fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
-    let vol = deployment_on_a(env, ns, 32)?;
+    let (vol, app) = deployment_on_a(env, ns, 32)?;
     let ag = agents(env)?;
     migrate(
         env,
@@ -671,8 +771,10 @@ fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
     assert_succeeded(&m)?;
     assert_on(env, ns, &vol.pv, "app=web", B)?;
     let (a, b) = (env.machine(A)?, env.machine(B)?);
+    let on_b = mountpoint(b, &vol.dataset)?;
+    app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
     ensure!(
-        a.checksums(&vol.path)? == b.checksums(&mountpoint(b, &vol.dataset)?)?,
+        a.checksums(&vol.path)? == b.checksums(&on_b)?,
         "checksums differ"
     );
     Ok(())
@@ -689,7 +791,7 @@ fn ployzctl(env: &Env, args: &[&str]) -> Result<std::process::Output> {
 
 fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
     let ns = "mig-cli";
-    let vol = deployment_on_a(env, ns, 1)?;
+    let (vol, _app) = deployment_on_a(env, ns, 1)?;
     let out = ployzctl(
         env,
         &[
@@ -794,7 +896,7 @@ fn taint(env: &Env, node: &str, on: bool) -> Result<()> {
 /// migration undoes the rebind and the workload runs on the source again, data intact.
 fn not_ready_rolls_back(env: &mut Env) -> Result<()> {
     let ns = "mig-rollback";
-    let vol = deployment_on_a(env, ns, 4)?;
+    let (vol, app) = deployment_on_a(env, ns, 4)?;
     let (a, b) = (env.machine(A)?, env.machine(B)?);
     let before = a.checksums(&vol.path)?;
     taint(env, B, true)?;
@@ -828,7 +930,7 @@ fn not_ready_rolls_back(env: &mut Env) -> Result<()> {
         .context("the source volume is not writable after the rollback")?;
         // The target keeps its copy as a read-only replica, ready for the next attempt.
         ensure!(prop(b, &vol.dataset, "ployz:replica")? == "true");
-        Ok(())
+        app_intact(&app, a, &vol.path)
     })();
     taint(env, B, false)?;
     outcome

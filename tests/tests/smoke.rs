@@ -286,7 +286,7 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
         vol.path
     );
     let watch = AckWatch::start(&env.rt, &client, "smoke", "app=web");
-    env.block_on(k8s::create_deployment(&client, "smoke", "web", "data"))?;
+    env.block_on(k8s::create_deployment(&client, "smoke", "web", "data", 1))?;
     env.block_on(k8s::wait_ready_on(
         &client,
         "smoke",
@@ -328,13 +328,7 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
     wait_for(
         "acknowledgements from machine-b",
         Duration::from_secs(30),
-        || {
-            let acks = watch.acks();
-            Ok(acks
-                .by_writer
-                .keys()
-                .any(|w| acks.node_of(w) == Some("machine-b")))
-        },
+        || Ok(watch.acks().any_on("machine-b")),
     )?;
     let acks = watch.stop();
     let report = ledger::verify_move(&acks, (a, &vol.path), (b, &vol.path))?;

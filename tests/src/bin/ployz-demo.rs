@@ -131,7 +131,7 @@ fn demo(env: &Env) -> Result<()> {
         "cd '{}' && for i in $(seq 1 64); do head -c 1048576 /dev/urandom > table-$i; done && sync",
         vol.path
     ))?;
-    env.block_on(k8s::create_deployment(&env.client, NS, APP, "data"))?;
+    env.block_on(k8s::create_deployment(&env.client, NS, APP, "data", 1))?;
     env.block_on(k8s::wait_ready_on(
         &env.client,
         NS,
