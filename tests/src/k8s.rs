@@ -368,7 +368,8 @@ pub async fn create_statefulset(
 }
 
 /// An OpenEBS zfs-localpv volume on `machine`: the dataset `POOL_NAME/PV`, its ZFSVolume in
-/// `openebs_ns`, a CSI PV pinned by `openebs.io/nodeid`, and a pre-bound claim.
+/// `openebs_ns` owned by the machine's zfs-localpv node ID, a CSI PV pinned by
+/// `openebs.io/nodeid`, and a pre-bound claim.
 pub async fn create_zfs_localpv_volume(
     client: &Client,
     machine: &ZfsMachine,
@@ -384,7 +385,7 @@ pub async fn create_zfs_localpv_volume(
         "apiVersion": "zfs.openebs.io/v1",
         "kind": "ZFSVolume",
         "metadata": {"name": pv, "namespace": openebs_ns},
-        "spec": {"ownerNodeID": machine.name, "poolName": pool_name,
+        "spec": {"ownerNodeID": machine.zfs_node_id(), "poolName": pool_name,
                  "capacity": "1073741824", "fsType": "zfs"},
     });
     let zvs: Api<kube::core::DynamicObject> = Api::namespaced_with(
@@ -409,7 +410,7 @@ pub async fn create_zfs_localpv_volume(
             "csi": {"driver": "zfs.csi.openebs.io", "volumeHandle": pv, "fsType": "zfs"},
             "claimRef": {"kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim},
             "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "openebs.io/nodeid", "operator": "In", "values": [machine.name]}
+                {"key": "openebs.io/nodeid", "operator": "In", "values": [machine.zfs_node_id()]}
             ]}]}},
         },
     }))?;

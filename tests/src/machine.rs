@@ -120,8 +120,10 @@ impl ZfsMachine {
     }
 
     /// The machine's OpenEBS zfs-localpv node ID (its node's `openebs.io/nodeid` label).
+    /// Deliberately not the node's name, as in zfs-localpv's recipe for moving disks between
+    /// nodes: ployz must resolve it through the label.
     pub fn zfs_node_id(&self) -> String {
-        self.name.clone()
+        format!("{}-zfs", self.name)
     }
 
     /// PID of the zfs-fuse daemon (its namespaces are the machine's).

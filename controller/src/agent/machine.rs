@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -13,7 +14,7 @@ use serde_json::json;
 use tracing::warn;
 
 use super::{Ctx, MANAGER};
-use crate::api::{Machine, MachineStatus};
+use crate::api::{Machine, MachineStatus, OPENEBS_NODE_ID_LABEL};
 use crate::transfer::server::Server;
 use crate::zfs::{DatasetName, Zfs, ZfsCli};
 
@@ -26,7 +27,7 @@ pub async fn publish(ctx: &Ctx) -> Result<Condition> {
         .endpoint
         .clone()
         .unwrap_or_else(|| ctx.config.listen.to_string());
-    let spec = json!({
+    let mut spec = json!({
         "apiVersion": "ployz.dev/v1alpha1",
         "kind": "Machine",
         "metadata": {"name": ctx.machine},
@@ -37,6 +38,9 @@ pub async fn publish(ctx: &Ctx) -> Result<Condition> {
             "endpoint": endpoint,
         },
     });
+    if let Some(id) = zfs_node_id(ctx).await? {
+        spec["spec"]["zfsNodeId"] = json!(id);
+    }
     let published = api
         .patch(
             &ctx.machine,
@@ -50,6 +54,20 @@ pub async fn publish(ctx: &Ctx) -> Result<Condition> {
         .status
         .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Ready"));
     beat(ctx, &api, previous.as_ref()).await
+}
+
+/// The node's `openebs.io/nodeid` label, read once at start (relabelling a node means
+/// restarting its agent, as it does for zfs-localpv's own node plugin).
+async fn zfs_node_id(ctx: &Ctx) -> Result<Option<String>> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    let node = nodes
+        .get(&ctx.config.node_name)
+        .await
+        .with_context(|| format!("reading Node {}", ctx.config.node_name))?;
+    Ok(node
+        .metadata
+        .labels
+        .and_then(|mut l| l.remove(OPENEBS_NODE_ID_LABEL)))
 }
 
 /// `1.5GiB`-style sizes for `kubectl get`.

@@ -372,8 +372,23 @@ async fn pre_copy(
 struct Ends {
     source_node: String,
     target_node: String,
+    /// zfs-localpv's IDs of the two machines (PV topology and ZFSVolume owner use them).
+    source_zfs_node: String,
+    target_zfs_node: String,
     target_parent: String,
     target_endpoint: String,
+}
+
+impl Ends {
+    /// Source and target as the volume's PV names them: node IDs for zfs-localpv volumes,
+    /// node names for local PVs.
+    fn nodes_of(&self, b: &VolumeBinding) -> (&str, &str) {
+        if b.original_zfs_volume.is_some() {
+            (&self.source_zfs_node, &self.target_zfs_node)
+        } else {
+            (&self.source_node, &self.target_node)
+        }
+    }
 }
 
 async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
@@ -381,6 +396,8 @@ async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
     let source = machines.get(&plan.source).await?.spec;
     let target = machines.get(&plan.target).await?.spec;
     Ok(Ends {
+        source_zfs_node: source.zfs_node_id().to_string(),
+        target_zfs_node: target.zfs_node_id().to_string(),
         source_node: source.node_name,
         target_node: target.node_name,
         target_parent: target.parent_dataset,
@@ -483,14 +500,8 @@ async fn cutover(
         CutoverStep::Promoted => {
             let e = ends(ctx, plan).await?;
             for b in &c.volumes {
-                rebind(
-                    ctx,
-                    b,
-                    &e.source_node,
-                    &e.target_node,
-                    Some(&e.target_parent),
-                )
-                .await?;
+                let (from, to) = e.nodes_of(b);
+                rebind(ctx, b, from, to, Some(&e.target_parent)).await?;
             }
             if c.original_placement.is_none()
                 && let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node)
@@ -783,7 +794,7 @@ async fn rollback(
     if let Some(c) = &s.cutover {
         let e = ends(ctx, plan).await?;
         for b in &c.volumes {
-            rebind(ctx, b, "", &e.source_node, None).await?;
+            rebind(ctx, b, "", e.nodes_of(b).0, None).await?;
         }
         if !claims_bound(ctx, m, plan).await? {
             return Ok(Action::requeue(Duration::from_millis(300)));

@@ -57,6 +57,23 @@ pub struct MachineSpec {
     /// A draining machine accepts no incoming migrations. Set by `ployzctl machine drain`.
     #[serde(default)]
     pub draining: bool,
+
+    /// The machine's OpenEBS zfs-localpv node ID: its node's `openebs.io/nodeid` label, which
+    /// zfs-localpv uses for a ZFSVolume's `ownerNodeID` and its PVs' topology. Absent when the
+    /// node has no such label; zfs-localpv then uses the node name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub zfs_node_id: Option<String>,
+}
+
+/// The label zfs-localpv identifies a node by.
+pub const OPENEBS_NODE_ID_LABEL: &str = "openebs.io/nodeid";
+
+impl MachineSpec {
+    /// The ID zfs-localpv knows this machine by.
+    pub fn zfs_node_id(&self) -> &str {
+        self.zfs_node_id.as_deref().unwrap_or(&self.node_name)
+    }
 }
 
 /// What the agent observes on its machine.

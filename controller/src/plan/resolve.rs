@@ -312,11 +312,19 @@ fn volume(
                     ),
                 )
             })?;
+        // ownerNodeID is a zfs-localpv node ID (a node's `openebs.io/nodeid` label), which
+        // each agent publishes on its Machine; not necessarily the node's name.
+        let owner = &zv.spec.owner_node_id;
+        let node = obs
+            .machines
+            .iter()
+            .find(|m| m.spec.zfs_node_id() == owner)
+            .map_or_else(|| owner.clone(), |m| m.spec.node_name.clone());
         return Ok(FoundVolume {
             claim: claim.into(),
             volume: pv_name.into(),
             dataset: format!("{}/{}", zv.spec.pool_name, csi.volume_handle),
-            node: zv.spec.owner_node_id.clone(),
+            node,
             backend: Backend::ZfsLocalPv,
         });
     }

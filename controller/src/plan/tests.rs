@@ -102,6 +102,37 @@ fn plans_a_deployment_on_a_local_zfs_volume() {
 }
 
 #[test]
+fn a_zfs_localpv_owner_is_resolved_through_the_machines_node_id() {
+    let mut obs = observed();
+    obs.volumes = vec![de(json!({
+        "metadata": {"name": "pvc-1"},
+        "spec": {"csi": {"driver": "zfs.csi.openebs.io", "volumeHandle": "pvc-1"},
+                 "claimRef": {"namespace": "ns", "name": "data"},
+                 "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                     {"key": "openebs.io/nodeid", "operator": "In", "values": ["disk-1"]}]}]}}},
+    }))];
+    obs.claims = vec![de(
+        json!({"metadata": {"name": "data"}, "spec": {"volumeName": "pvc-1"}}),
+    )];
+    obs.zfs_volumes = vec![de(json!({
+        "apiVersion": "zfs.openebs.io/v1", "kind": "ZFSVolume",
+        "metadata": {"name": "pvc-1", "namespace": "openebs"},
+        "spec": {"ownerNodeID": "disk-1", "poolName": "tank/ployz"},
+    }))];
+    // zfs-localpv's FAQ: nodes labelled with their own openebs.io/nodeid, not their names.
+    obs.machines[0].spec.zfs_node_id = Some("disk-1".into());
+    let p = plan(&obs, &migration("m", "web", "b", None)).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((p.plan.source.as_str(), p.plan.target.as_str()), ("a", "b"));
+    assert_eq!(p.plan.volumes[0].source_dataset, "tank/ployz/pvc-1");
+    // Without the machine's node ID the owner names no machine.
+    obs.machines[0].spec.zfs_node_id = None;
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "b", None)),
+        Some(Reason::UnknownMachine)
+    );
+}
+
+#[test]
 fn refuses_bad_requests_with_a_reason() {
     let obs = observed();
     assert_eq!(
