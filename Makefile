@@ -4,24 +4,32 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
-.PHONY: test demo deps bins lint unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
+.PHONY: test demo deps bins images lint unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
+
+# The environment's inputs: cluster binaries built from Go modules, container images built
+# locally; both cached under $(PLOYZ_CACHE), so later runs build nothing.
+ENV_DIRS = PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) PLOYZ_IMAGES_DIR=$$(tests/images/build-images.sh)
 
 test: deps lint unit e2e openzfs
 
 # The README's first command: two machines, an agent on each, a stateful app moved from
 # machine-a to machine-b and back. Tears everything down at the end and on Ctrl-C.
-demo: deps bins
+demo: deps bins images
 	$(CARGO) build -q --locked -p ployz -p ployzctl --bins
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) run -q --locked -p ployz-e2e --bin ployz-demo
+	$(ENV_DIRS) $(CARGO) run -q --locked -p ployz-e2e --bin ployz-demo
 
-# System packages (zfs-fuse, iproute2) a fresh machine lacks.
+# System packages (zfs-fuse, containerd, runc, CNI plugins, iproute2, ...) a fresh machine lacks.
 deps:
 	@tests/env/install-deps.sh
 
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok, built from
-# Go modules into $(PLOYZ_CACHE); a second run builds nothing.
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and kwok,
+# built from Go modules into $(PLOYZ_CACHE); a second run builds nothing.
 bins:
 	@tests/env/build-bins.sh >/dev/null
+
+# The pod sandbox image and the test app (tests/images), built locally: no registry is reachable.
+images:
+	@tests/images/build-images.sh >/dev/null
 
 lint:
 	$(CARGO) fmt --all --check
@@ -30,17 +38,18 @@ lint:
 unit:
 	$(CARGO) test --workspace --exclude ployz-e2e --locked
 
-# End-to-end suites on a real control plane, real zfs-fuse machines and network namespaces.
-e2e: deps bins
+# End-to-end suites on a real control plane, real nodes (kubelet, containerd, runc), real
+# zfs-fuse machines and network namespaces.
+e2e: deps bins images
 	$(CARGO) build -q --locked -p ployz --bin ployz-controller
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked \
+	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked \
 		--test smoke --test transfer --test migrate
 
-smoke: deps bins
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test smoke
+smoke: deps bins images
+	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked --test smoke
 
-migrate: deps bins
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) test -p ployz-e2e --locked --test migrate
+migrate: deps bins images
+	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked --test migrate
 
 # The OpenZFS 2.3 guest image (about 10 minutes the first time, cached afterwards).
 vm-image:
@@ -51,14 +60,14 @@ openzfs: vm-image
 	PLOYZ_VM_IMAGE=$$(tests/vm/build-image.sh) $(CARGO) test -p ployz-e2e --locked --test openzfs
 
 # The local environment for a person: up until Ctrl-C.
-env: deps bins
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) run -q -p ployz-e2e --bin ployz-env
+env: deps bins images
+	$(ENV_DIRS) $(CARGO) run -q -p ployz-e2e --bin ployz-env
 
 # Throughput of the transfer engine against `zfs send | zfs receive` and ssh, measured in the
 # same run; writes docs/BENCHMARKS.md.
-bench: deps bins
+bench: deps bins images
 	@tests/env/install-deps.sh bench
-	PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) $(CARGO) bench -p ployz-e2e --locked --bench transfer
+	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench transfer
 
 # Regenerate the CRD YAML from the Rust types (a test fails when the committed copy drifts).
 crds:
