@@ -43,7 +43,7 @@ unit:
 e2e: deps bins images
 	$(CARGO) build -q --locked -p ployz --bin ployz-controller
 	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked \
-		--test smoke --test transfer --test migrate
+		--test smoke --test transfer --test migrate --test hygiene
 
 smoke: deps bins images
 	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked --test smoke

@@ -74,27 +74,24 @@ pub struct Env {
     _lock: File,
 }
 
-/// The directory the binaries were built into (`PLOYZ_BIN_DIR`, set by `make`), or the result
-/// of running the build script, which is a no-op when they are cached.
+/// The directory the binaries were built into (`PLOYZ_BIN_DIR`, set by `make`), or the
+/// result of running the build script, which is a no-op when they are cached.
 pub fn bin_dir(root: &Path) -> Result<PathBuf> {
-    if let Ok(dir) = std::env::var("PLOYZ_BIN_DIR") {
-        return Ok(dir.into());
-    }
-    let out = crate::process::run(&mut std::process::Command::new(
-        root.join("tests/env/build-bins.sh"),
-    ))?;
-    Ok(PathBuf::from(out.trim()))
+    built_dir(root, "PLOYZ_BIN_DIR", "tests/env/build-bins.sh")
 }
 
 /// The directory of the locally built images (`PLOYZ_IMAGES_DIR`, set by `make`), or the
 /// result of running their build script, which is a no-op when they are cached.
 pub fn images_dir(root: &Path) -> Result<PathBuf> {
-    if let Ok(dir) = std::env::var("PLOYZ_IMAGES_DIR") {
+    built_dir(root, "PLOYZ_IMAGES_DIR", "tests/images/build-images.sh")
+}
+
+/// `$var`, or what `script` (which builds into a cache and prints the directory) prints.
+fn built_dir(root: &Path, var: &str, script: &str) -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var(var) {
         return Ok(dir.into());
     }
-    let out = crate::process::run(&mut std::process::Command::new(
-        root.join("tests/images/build-images.sh"),
-    ))?;
+    let out = crate::process::run(&mut std::process::Command::new(root.join(script)))?;
     Ok(PathBuf::from(out.trim()))
 }
 
