@@ -35,8 +35,10 @@ lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 
+# Also the harness's own pure parts (the app's ledger checks, the reaper's journal).
 unit:
 	$(CARGO) test --workspace --exclude ployz-e2e --locked
+	$(CARGO) test -p ployz-e2e --lib --locked
 
 # End-to-end suites on a real control plane, real nodes (kubelet, containerd, runc), real
 # zfs-fuse machines and network namespaces.

@@ -58,6 +58,8 @@ pub struct KubeNode {
     pub name: String,
     /// The machine's pod network.
     pub pod_subnet: String,
+    /// The kubelet's kubeconfig: its own node identity, `system:node:NAME`.
+    pub kubeconfig: PathBuf,
     kubelet: Option<Proc>,
     containerd: Option<Proc>,
     cgroups: [Resource; 2],
@@ -102,9 +104,11 @@ impl KubeNode {
             create_cgroup(n)?;
         }
         let subnet = pod_subnet(index);
+        let kubeconfig = base.join("kubelet.kubeconfig");
         let mut node = Self {
             name: name.clone(),
             pod_subnet: subnet.clone(),
+            kubeconfig: kubeconfig.clone(),
             kubelet: None,
             containerd: None,
             cgroups,
@@ -176,7 +180,6 @@ impl KubeNode {
             &format!("system:node:{name}"),
             "system:nodes",
         )?;
-        let kubeconfig = base.join("kubelet.kubeconfig");
         cp.write_kubeconfig(&kubeconfig, &cert, &key)?;
         let kubelet_config = base.join("kubelet-config.yaml");
         std::fs::write(

@@ -13,10 +13,12 @@ use crate::env::{Env, Options};
 pub type Test = fn(&mut Env) -> Result<()>;
 
 /// Logs of the library code under test, on stderr: PLOYZ_LOG=ployz=info (default: errors
-/// only, since the suites provoke refusals on purpose).
+/// only, since the suites provoke refusals on purpose; not kube's per-request errors, which
+/// the harness's polling of a starting API server would print by the dozen).
 pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("PLOYZ_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error"));
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PLOYZ_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("error,kube_client::client::builder=off")
+    });
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

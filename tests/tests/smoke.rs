@@ -48,6 +48,14 @@ fn main() -> ExitCode {
                 real_pod_writes_to_zfs_and_moves_by_hand,
             ),
             (
+                "pods_on_different_machines_reach_each_other",
+                pods_reach_each_other,
+            ),
+            (
+                "a_kubelet_cannot_change_another_node",
+                kubelet_confined_to_its_node,
+            ),
+            (
                 "byte_stream_crosses_between_machine_namespaces",
                 byte_stream_crosses,
             ),
@@ -360,6 +368,85 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
     ensure!(
         reply.contains("\"seq\""),
         "pod on machine-b answered {reply:?}"
+    );
+    Ok(())
+}
+
+/// A pod of the app on each machine; the one on machine-a fetches the one on machine-b over
+/// the pod network (`kubectl exec`, so the API server reaches the kubelet too).
+fn pods_reach_each_other(env: &mut Env) -> Result<()> {
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), "default");
+    for node in ["machine-a", "machine-b"] {
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": format!("net-{node}")},
+            "spec": {
+                "nodeName": node,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "app", "image": ployz_e2e::node::LEDGER_IMAGE,
+                                "imagePullPolicy": "Never", "args": ["/tmp"]}],
+            },
+        }))?;
+        env.block_on(pods.create(&PostParams::default(), &pod))?;
+    }
+    let ip_b = env.block_on(ployz_e2e::wait::until(
+        "both pods Running",
+        Duration::from_secs(60),
+        || {
+            let pods = pods.clone();
+            async move {
+                let mut ips = vec![];
+                for node in ["machine-a", "machine-b"] {
+                    let s = pods.get(&format!("net-{node}")).await?.status;
+                    let running = s.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+                    ips.push(s.and_then(|s| s.pod_ip).filter(|_| running));
+                }
+                Ok(ips[0].is_some().then(|| ips[1].clone()).flatten())
+            }
+        },
+    ))?;
+    ensure!(ip_b.starts_with("198.19.2."), "pod on machine-b has {ip_b}");
+    let out = kubectl(
+        env,
+        &[
+            "exec",
+            "net-machine-a",
+            "--",
+            "wget",
+            "-qO-",
+            &format!("http://{ip_b}:{}/", ployz_e2e::ledger::PORT),
+        ],
+    )?;
+    ensure!(
+        out.contains("\"writer\":\"net-machine-b\""),
+        "the pod on machine-a got {out:?} from the pod on machine-b"
+    );
+    for node in ["machine-a", "machine-b"] {
+        env.block_on(pods.delete(&format!("net-{node}"), &Default::default()))?;
+    }
+    Ok(())
+}
+
+/// Each kubelet has its own node identity, confined by the Node authorizer and
+/// NodeRestriction: machine-a's may label its own Node, not machine-b's.
+fn kubelet_confined_to_its_node(env: &mut Env) -> Result<()> {
+    let kubeconfig = env.nodes[0].kubeconfig.clone();
+    let as_node_a = |args: &[&str]| {
+        let bins = ployz_e2e::env::bin_dir(&env.root)?;
+        let mut cmd = std::process::Command::new(bins.join("kubectl"));
+        cmd.arg("--kubeconfig").arg(&kubeconfig).args(args);
+        anyhow::Ok(cmd.output()?)
+    };
+    let own = as_node_a(&["label", "node", "machine-a", "smoke.ployz.dev/own=yes"])?;
+    ensure!(
+        own.status.success(),
+        "machine-a's kubelet cannot label its own node: {}",
+        String::from_utf8_lossy(&own.stderr)
+    );
+    let other = as_node_a(&["label", "node", "machine-b", "smoke.ployz.dev/other=yes"])?;
+    let err = String::from_utf8_lossy(&other.stderr);
+    ensure!(
+        !other.status.success() && err.contains("forbidden"),
+        "machine-a's kubelet changed machine-b: {err}"
     );
     Ok(())
 }

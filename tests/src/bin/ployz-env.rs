@@ -1,14 +1,19 @@
 //! `make env`: brings the local environment up for a person (control plane, machine-a and
-//! machine-b with ZFS, the CRDs installed), prints how to use it, and keeps it up until Ctrl-C,
-//! which tears everything down.
+//! machine-b with ZFS and real nodes, the CRDs installed), prints how to use it, and keeps it
+//! up until Ctrl-C, which tears everything down. `PLOYZ_NODES=kwok` gives fake kwok nodes
+//! instead (no container runs), for scale experiments.
 
 use std::process::ExitCode;
 
-use ployz_e2e::env::{Env, Options};
+use ployz_e2e::env::{Env, Nodes, Options};
 use ployz_e2e::k8s;
 
 fn main() -> ExitCode {
-    let env = match Env::start(Options::new("env")) {
+    let mut opts = Options::new("env");
+    if std::env::var("PLOYZ_NODES").as_deref() == Ok("kwok") {
+        opts.nodes = Nodes::Kwok;
+    }
+    let env = match Env::start(opts) {
         Ok(env) => env,
         Err(e) => {
             eprintln!("error: the environment did not start: {e:#}");
