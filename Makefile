@@ -8,7 +8,8 @@ export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
 # The environment's inputs: cluster binaries built from Go modules, container images built
 # locally; both cached under $(PLOYZ_CACHE), so later runs build nothing.
-ENV_DIRS = PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) PLOYZ_IMAGES_DIR=$$(tests/images/build-images.sh)
+ENV_DIRS = PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) PLOYZ_IMAGES_DIR=$$(tests/images/build-images.sh) \
+	PLOYZ_CSI_NODE_DIR=$$(tests/csi-node/build.sh)
 
 test: deps lint unit e2e openzfs
 
@@ -27,9 +28,11 @@ deps:
 bins:
 	@tests/env/build-bins.sh >/dev/null
 
-# The pod sandbox image and the test app (tests/images), built locally: no registry is reachable.
+# The pod sandbox image and the test app (tests/images), built locally: no registry is reachable;
+# and the machines' CSI node plugin for zfs-localpv volumes (tests/csi-node, Go).
 images:
 	@tests/images/build-images.sh >/dev/null
+	@tests/csi-node/build.sh >/dev/null
 
 lint:
 	$(CARGO) fmt --all --check

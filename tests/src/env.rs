@@ -86,6 +86,12 @@ pub fn images_dir(root: &Path) -> Result<PathBuf> {
     built_dir(root, "PLOYZ_IMAGES_DIR", "tests/images/build-images.sh")
 }
 
+/// The directory of the test machines' CSI node plugin (`PLOYZ_CSI_NODE_DIR`, set by `make`),
+/// or the result of running its build script, a no-op when it is cached.
+pub fn csi_node_dir(root: &Path) -> Result<PathBuf> {
+    built_dir(root, "PLOYZ_CSI_NODE_DIR", "tests/csi-node/build.sh")
+}
+
 /// `$var`, or what `script` (which builds into a cache and prints the directory) prints.
 fn built_dir(root: &Path, var: &str, script: &str) -> Result<PathBuf> {
     if let Ok(dir) = std::env::var(var) {
@@ -197,14 +203,21 @@ impl Env {
     /// A kubelet and containerd on every machine, and the routes between their pod networks.
     fn start_nodes(&mut self, bins: &Path, images: &Path) -> Result<()> {
         node::record_sysctls()?;
+        let csi = csi_node_dir(&self.root)?.join("ployz-csi-node");
+        self.rt.block_on(node::create_csi_driver(&self.client))?;
         let cp = self
             .control_plane
             .as_ref()
             .context("control plane stopped")?;
         for (i, m) in self.machines.iter().enumerate() {
             let index = u8::try_from(i + 1)?;
-            self.nodes
-                .push(KubeNode::start(m, index, cp, bins, images, &self.logs)?);
+            self.nodes.push(KubeNode::start(
+                m,
+                index,
+                cp,
+                (bins, images, &csi),
+                &self.logs,
+            )?);
         }
         // Each machine routes the others' pod networks to them over the shared link.
         for m in &self.machines {

@@ -41,6 +41,20 @@ const KUBELET_SYSCTLS: [&str; 6] = [
     "kernel.keys.root_maxbytes",
 ];
 
+/// The CSIDriver object of zfs-localpv, as its chart installs it: no attach step, so the
+/// kubelet publishes its volumes through the node plugin alone.
+pub async fn create_csi_driver(client: &kube::Client) -> Result<()> {
+    use k8s_openapi::api::storage::v1::CSIDriver;
+    let api: kube::Api<CSIDriver> = kube::Api::all(client.clone());
+    let driver: CSIDriver = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "zfs.csi.openebs.io"},
+        "spec": {"attachRequired": false, "podInfoOnMount": false},
+    }))?;
+    api.create(&kube::api::PostParams::default(), &driver)
+        .await?;
+    Ok(())
+}
+
 /// Records the host sysctls kubelet changes, so teardown restores them.
 pub fn record_sysctls() -> Result<()> {
     for key in KUBELET_SYSCTLS {
@@ -61,6 +75,8 @@ pub struct KubeNode {
     /// The kubelet's kubeconfig: its own node identity, `system:node:NAME`.
     pub kubeconfig: PathBuf,
     kubelet: Option<Proc>,
+    /// The CSI node plugin for zfs-localpv volumes (tests/csi-node).
+    csi: Option<Proc>,
     containerd: Option<Proc>,
     cgroups: [Resource; 2],
 }
@@ -72,15 +88,14 @@ struct Dirs {
 }
 
 impl KubeNode {
-    /// Starts containerd and the kubelet of `machine` (its `index`, from 1, picks its pod
-    /// network) and imports the images of `images` into containerd. The node registers itself;
-    /// wait for it with the API.
+    /// Starts containerd, the kubelet and the CSI node plugin `csi_plugin` of `machine` (its
+    /// `index`, from 1, picks its pod network) and imports the images of `images` into
+    /// containerd. The node registers itself; wait for it with the API.
     pub fn start(
         machine: &ZfsMachine,
         index: u8,
         cp: &ControlPlane,
-        bins: &Path,
-        images: &Path,
+        (bins, images, csi_plugin): (&Path, &Path, &Path),
         logs: &Path,
     ) -> Result<Self> {
         let name = machine.name.clone();
@@ -110,6 +125,7 @@ impl KubeNode {
             pod_subnet: subnet.clone(),
             kubeconfig: kubeconfig.clone(),
             kubelet: None,
+            csi: None,
             containerd: None,
             cgroups,
         };
@@ -205,14 +221,27 @@ impl KubeNode {
             &kubelet.to_string_lossy(),
             logs,
         )?);
+        // Registers itself through the kubelet's plugins_registry directory.
+        let mut cmd = machine.command(&csi_plugin.to_string_lossy());
+        cmd.arg(&dirs.kubelet).arg(machine.zfs_node_id());
+        node.csi = Some(Proc::spawn(
+            &format!("csi-node-{name}"),
+            cmd,
+            &csi_plugin.to_string_lossy(),
+            logs,
+        )?);
         Ok(node)
     }
 
     /// Fails with the end of its log when the kubelet or containerd has exited.
     pub fn check_running(&mut self) -> Result<()> {
-        for p in [self.kubelet.as_mut(), self.containerd.as_mut()]
-            .into_iter()
-            .flatten()
+        for p in [
+            self.kubelet.as_mut(),
+            self.csi.as_mut(),
+            self.containerd.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
         {
             p.check_running()?;
         }
@@ -226,6 +255,9 @@ impl Drop for KubeNode {
         // containerd, then the shims it leaves behind.
         if let Some(mut k) = self.kubelet.take() {
             k.stop();
+        }
+        if let Some(mut c) = self.csi.take() {
+            c.stop();
         }
         reaper::release(&self.cgroups[0]);
         if let Some(mut c) = self.containerd.take() {

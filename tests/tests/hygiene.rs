@@ -43,7 +43,7 @@ struct HostState {
     sysctls: Vec<(String, String)>,
 }
 
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 11] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
@@ -52,6 +52,7 @@ const PROGRAMS: [&str; 10] = [
     "containerd",
     "containerd-shim-runc-v2",
     "zfs-fuse",
+    "ployz-csi-node",
     "ledger",
     "pause",
 ];

@@ -547,11 +547,12 @@ fn statefulset_moves(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
-/// An OpenEBS zfs-localpv volume moves with its ZFSVolume. Its workload is stopped (0
-/// replicas): a real kubelet mounts a CSI volume only through the driver's node plugin, and
-/// zfs-localpv's cannot run on zfs-fuse (it creates datasets with `mountpoint=legacy` and
-/// mounts them with `mount -t zfs`, which needs OpenZFS's mount.zfs; zfs-fuse has only FUSE
-/// mounts). The ZFSVolume is the CRD fixture, as the node plugin would have written it.
+/// An OpenEBS zfs-localpv volume moves with its ZFSVolume, under the running app. The kubelet
+/// mounts it through a CSI node plugin registered as `zfs.csi.openebs.io`: zfs-localpv's own
+/// cannot run on zfs-fuse (it mounts datasets with `mount -t zfs`, which needs OpenZFS's
+/// mount.zfs), so tests/csi-node stands in for its node side. The ZFSVolume is
+/// the CRD fixture, as zfs-localpv's controller would have written it, and the machines' node
+/// IDs differ from their node names.
 fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
     let ns = "mig-zfspv";
     agents(env)?;
@@ -565,16 +566,14 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
         OPENEBS,
     ))?;
     write_files(a, &vol.path, "zv", 4)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 0))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 1))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    let app = watch_app(env, ns, "app=web", A)?;
     migrate(env, &Request::new(ns, "web-to-b", B))?;
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
-    let s = m.status.clone().unwrap_or_default();
-    ensure!(
-        s.phase_transitions
-            .iter()
-            .any(|t| t.phase == Phase::CuttingOver),
-        "no cutover"
-    );
+    assert_succeeded(&m)?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", B, 1))?;
+    app_moved(&app, &m, (a, &vol.path), (b, &mountpoint(b, &vol.dataset)?))?;
     let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
     let pv = env.block_on(pvs.get(&vol.pv))?;
     ensure!(
