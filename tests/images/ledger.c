@@ -14,7 +14,7 @@
  * A file whose last record is torn or fails its checksum is refused at start (exit 3): a real
  * database would have to recover, the suites want to see it.
  *
- * HTTP on PORT (default 8080): any GET answers {"seq":N,"writer":"POD"} with the last
+ * HTTP on PORT (default 8080): any GET answers {"seq":N,"writer":"WRITER"} with the last
  * acknowledged sequence number; the readiness probe uses it. SIGTERM stops it after the
  * record in flight, which is fsynced first. */
 #include <errno.h>

@@ -42,11 +42,9 @@ impl ControlPlane {
         let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let pki = Pki::create(&dir.join("pki"), &[IpAddr::V4(HOST_IP), localhost])?;
         // What the API server shows the kubelets (logs, exec): kubeadm's identity for it.
-        let (kubelet_client_cert, kubelet_client_key) = pki.client(
-            "apiserver-kubelet-client",
-            "kube-apiserver-kubelet-client",
-            "system:masters",
-        )?;
+        let (cert, key) = pki.client("kube-apiserver-kubelet-client", "system:masters")?;
+        let kubelet_client_cert = pki.write("apiserver-kubelet-client.crt", &cert)?;
+        let kubelet_client_key = pki.write("apiserver-kubelet-client.key", &key)?;
         let bin = |name: &str| bins.join(name).to_string_lossy().into_owned();
         let s = |p: &Path| p.to_string_lossy().into_owned();
         let mut procs = vec![];
@@ -222,15 +220,12 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// A kubeconfig at `path` for the client identity in `cert` and `key` (PEM files).
-    pub fn write_kubeconfig(&self, path: &Path, cert: &Path, key: &Path) -> Result<()> {
-        let yaml = kubeconfig_yaml(
-            &self.server,
-            &self.pki.ca_pem,
-            &std::fs::read_to_string(cert)?,
-            &std::fs::read_to_string(key)?,
-        );
-        std::fs::write(path, yaml)?;
+    /// A kubeconfig at `path` for the client identity `cert` and `key` (PEM).
+    pub fn write_kubeconfig(&self, path: &Path, cert: &str, key: &str) -> Result<()> {
+        std::fs::write(
+            path,
+            kubeconfig_yaml(&self.server, &self.pki.ca_pem, cert, key),
+        )?;
         Ok(())
     }
 

@@ -239,7 +239,8 @@ impl Env {
         let nodes: Api<Node> = Api::all(self.client.clone());
         for i in 0..self.machines.len() {
             let name = self.machines[i].name.clone();
-            let (rt, node) = (&self.rt, &mut self.nodes.get_mut(i));
+            let rt = &self.rt;
+            let mut node = self.nodes.get_mut(i);
             wait_for(
                 &format!(
                     "node {name} Ready (its kubelet logs to {})",

@@ -165,14 +165,25 @@ fn ledger_container(name: &str, dir: &str) -> serde_json::Value {
     })
 }
 
-/// A Deployment `name` (label app=NAME) of `replicas` pods running the ledger app on `claim`,
+/// A bare pod `name` of the ledger app on `node`, writing into its own /tmp.
+pub fn ledger_pod(name: &str, node: &str) -> Result<Pod> {
+    Ok(serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "nodeName": node,
+            "automountServiceAccountToken": false,
+            "containers": [ledger_container("app", "/tmp")],
+        },
+    }))?)
+}
+
+/// A one-replica Deployment `name` (label app=NAME) running the ledger app on `claim`,
 /// mounted at /data.
 pub async fn create_deployment(
     client: &Client,
     namespace: &str,
     name: &str,
     claim: &str,
-    replicas: i32,
 ) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let mut container = ledger_container("app", "/data");
@@ -180,7 +191,7 @@ pub async fn create_deployment(
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
-            "replicas": replicas,
+            "replicas": 1,
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app": name}},
             "template": {

@@ -16,6 +16,7 @@ use kube::api::{Api, ListParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::machine::ZfsMachine;
+use crate::wait::wait_for;
 
 /// The ledger's file, relative to the volume's root.
 pub const FILE: &str = "ledger.log";
@@ -173,8 +174,6 @@ impl Ledger {
 #[derive(Debug, Clone, Default)]
 pub struct Acks {
     pub by_writer: BTreeMap<String, u64>,
-    /// Requests answered.
-    pub answers: u64,
 }
 
 impl Acks {
@@ -221,7 +220,6 @@ impl AckWatch {
                 for ip in &targets {
                     if let Ok(Some((writer, seq))) = ask(ip).await {
                         let mut a = shared.lock().unwrap_or_else(|p| p.into_inner());
-                        a.answers += 1;
                         let e = a.by_writer.entry(writer).or_default();
                         *e = (*e).max(seq);
                     }
@@ -235,6 +233,15 @@ impl AckWatch {
     /// What was acknowledged so far.
     pub fn acks(&self) -> Acks {
         self.acks.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until a pod of the app on `node` has acknowledged a write.
+    pub fn wait_acked_on(&self, node: &str) -> Result<()> {
+        wait_for(
+            &format!("the app to acknowledge a write on {node}"),
+            Duration::from_secs(60),
+            || Ok(self.acks().any_on(node)),
+        )
     }
 
     /// Stops watching and returns what was acknowledged.

@@ -191,11 +191,9 @@ impl KubeNode {
         ))?;
 
         // The kubelet, with its own node identity.
-        let (cert, key) = cp.pki.client(
-            &format!("node-{name}"),
-            &format!("system:node:{name}"),
-            "system:nodes",
-        )?;
+        let (cert, key) = cp
+            .pki
+            .client(&format!("system:node:{name}"), "system:nodes")?;
         cp.write_kubeconfig(&kubeconfig, &cert, &key)?;
         let kubelet_config = base.join("kubelet-config.yaml");
         std::fs::write(
@@ -270,12 +268,7 @@ impl Drop for KubeNode {
 /// Creates `/NAME` in every cgroup v1 hierarchy; cpuset needs its CPUs and memory nodes set
 /// before anything can join.
 fn create_cgroup(name: &str) -> Result<()> {
-    let root = Path::new("/sys/fs/cgroup");
-    for entry in std::fs::read_dir(root)? {
-        let h = entry?.path();
-        if h.file_name().is_some_and(|n| n == "unified") || !h.join("cgroup.procs").exists() {
-            continue;
-        }
+    for h in reaper::cgroup_hierarchies() {
         let dir = h.join(name);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         if h.ends_with("cpuset") {

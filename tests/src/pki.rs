@@ -57,16 +57,8 @@ impl Pki {
         let serving_key = KeyPair::generate()?;
         let serving_cert = serving.signed_by(&serving_key, &ca)?;
 
-        let mut admin = CertificateParams::new(vec![])?;
-        admin
-            .distinguished_name
-            .push(DnType::CommonName, "ployz-e2e-admin");
-        admin
-            .distinguished_name
-            .push(DnType::OrganizationName, "system:masters");
-        admin.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let admin_key = KeyPair::generate()?;
-        let admin_cert = admin.signed_by(&admin_key, &ca)?;
+        let (admin_cert_pem, admin_key_pem) =
+            issue_client(&ca, "ployz-e2e-admin", "system:masters")?;
 
         let sa = KeyPair::generate()?;
 
@@ -81,31 +73,39 @@ impl Pki {
             ca_pem: ca.pem(),
             serving_cert: write("apiserver.crt", &serving_cert.pem())?,
             serving_key: write("apiserver.key", &serving_key.serialize_pem())?,
-            admin_cert_pem: admin_cert.pem(),
-            admin_key_pem: admin_key.serialize_pem(),
+            admin_cert_pem,
+            admin_key_pem,
             sa_key: write("sa.key", &sa.serialize_pem())?,
             sa_pub: write("sa.pub", &sa.public_key_pem())?,
             ca,
         })
     }
 
-    /// A client identity `CN=cn, O=org` signed by the cluster CA, written as `NAME.crt` and
-    /// `NAME.key`; returns their paths.
-    pub fn client(&self, name: &str, cn: &str, org: &str) -> Result<(PathBuf, PathBuf)> {
-        let mut p = CertificateParams::new(vec![])?;
-        p.distinguished_name.push(DnType::CommonName, cn);
-        p.distinguished_name.push(DnType::OrganizationName, org);
-        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &self.ca)?;
-        let (c, k) = (
-            self.dir.join(format!("{name}.crt")),
-            self.dir.join(format!("{name}.key")),
-        );
-        std::fs::write(&c, cert.pem())?;
-        std::fs::write(&k, key.serialize_pem())?;
-        Ok((c, k))
+    /// A client identity `CN=cn, O=org` signed by the cluster CA: PEM certificate and key.
+    pub fn client(&self, cn: &str, org: &str) -> Result<(String, String)> {
+        issue_client(&self.ca, cn, org)
     }
+
+    /// Writes `pem` as file `name` of the PKI directory and returns its path.
+    pub fn write(&self, name: &str, pem: &str) -> Result<PathBuf> {
+        let p = self.dir.join(name);
+        std::fs::write(&p, pem)?;
+        Ok(p)
+    }
+}
+
+fn issue_client(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    cn: &str,
+    org: &str,
+) -> Result<(String, String)> {
+    let mut p = CertificateParams::new(vec![])?;
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.distinguished_name.push(DnType::OrganizationName, org);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let key = KeyPair::generate()?;
+    let cert = p.signed_by(&key, ca)?;
+    Ok((cert.pem(), key.serialize_pem()))
 }
 
 impl std::fmt::Debug for Pki {

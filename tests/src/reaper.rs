@@ -122,15 +122,24 @@ pub fn sysctl(key: &str) -> Result<String> {
         .to_string())
 }
 
-/// `/sys/fs/cgroup/H/NAME` for every cgroup v1 hierarchy H that has it.
-pub fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+/// The cgroup v1 hierarchies (`/sys/fs/cgroup/H`, not the cgroup2 `unified` one).
+pub fn cgroup_hierarchies() -> Vec<PathBuf> {
     let Ok(entries) = fs::read_dir("/sys/fs/cgroup") else {
         return vec![];
     };
     entries
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name() != "unified")
-        .map(|e| e.path().join(name))
+        .map(|e| e.path())
+        .filter(|h| h.join("cgroup.procs").exists())
+        .collect()
+}
+
+/// `/sys/fs/cgroup/H/NAME` for every cgroup v1 hierarchy H that has it.
+fn cgroup_dirs(name: &str) -> Vec<PathBuf> {
+    cgroup_hierarchies()
+        .into_iter()
+        .map(|h| h.join(name))
         .filter(|p| p.is_dir())
         .collect()
 }

@@ -20,7 +20,6 @@ use ployz_e2e::agents::workspace_binary;
 use ployz_e2e::env::{Env, Options, repo_root, run_dir};
 use ployz_e2e::reaper;
 use ployz_e2e::wait::until;
-use serde_json::json;
 
 fn main() -> ExitCode {
     ployz_e2e::suite::init_logging();
@@ -192,15 +191,7 @@ fn run_a_pod() -> Result<()> {
         let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
         let client = Client::try_from(config)?;
         let pods: Api<Pod> = Api::namespaced(client, "default");
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": "doomed"},
-            "spec": {
-                "nodeName": "machine-a",
-                "automountServiceAccountToken": false,
-                "containers": [{"name": "app", "image": ployz_e2e::node::LEDGER_IMAGE,
-                                "imagePullPolicy": "Never", "args": ["/tmp"]}],
-            },
-        }))?;
+        let pod = ployz_e2e::k8s::ledger_pod("doomed", "machine-a")?;
         until("pod doomed created", Duration::from_secs(60), || {
             let (pods, pod) = (pods.clone(), pod.clone());
             // The default service account may not exist yet.

@@ -117,7 +117,7 @@ fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<(LocalVolume, AckWat
     env.block_on(k8s::create_namespace(&env.client, ns))?;
     let vol = env.block_on(k8s::create_local_volume(&env.client, a, ns, "data"))?;
     write_files(a, &vol.path, "before", mib)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 1))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     let app = watch_app(env, ns, "app=web", A)?;
     Ok((vol, app))
@@ -126,17 +126,8 @@ fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<(LocalVolume, AckWat
 /// Watches the ledger app of `selector` until a pod on `node` has acknowledged a write.
 fn watch_app(env: &Env, ns: &str, selector: &str, node: &str) -> Result<AckWatch> {
     let app = AckWatch::start(&env.rt, &env.client, ns, selector);
-    wait_acked_on(&app, node)?;
+    app.wait_acked_on(node)?;
     Ok(app)
-}
-
-/// Waits until a pod of the app on `node` has acknowledged a write.
-fn wait_acked_on(app: &AckWatch, node: &str) -> Result<()> {
-    wait_for(
-        &format!("the app to acknowledge a write on {node}"),
-        Duration::from_secs(60),
-        || Ok(app.acks().any_on(node)),
-    )
 }
 
 /// After a move of the app from `from` to `to` by Migration `m`: the app writes on the
@@ -149,7 +140,7 @@ fn app_moved(
     from: (&ZfsMachine, &str),
     to: (&ZfsMachine, &str),
 ) -> Result<MoveReport> {
-    wait_acked_on(app, &to.0.name)?;
+    app.wait_acked_on(&to.0.name)?;
     let report = ledger::verify_move(&app.acks(), from, to)?;
     let s = m.status.clone().unwrap_or_default();
     let sending = s
@@ -566,7 +557,7 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
         OPENEBS,
     ))?;
     write_files(a, &vol.path, "zv", 4)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data", 1))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     let app = watch_app(env, ns, "app=web", A)?;
     migrate(env, &Request::new(ns, "web-to-b", B))?;

@@ -294,7 +294,7 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
         vol.path
     );
     let watch = AckWatch::start(&env.rt, &client, "smoke", "app=web");
-    env.block_on(k8s::create_deployment(&client, "smoke", "web", "data", 1))?;
+    env.block_on(k8s::create_deployment(&client, "smoke", "web", "data"))?;
     env.block_on(k8s::wait_ready_on(
         &client,
         "smoke",
@@ -333,11 +333,7 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
         k8s::scale_deployment(&client, "smoke", "web", 1).await?;
         k8s::wait_ready_on(&client, "smoke", "app=web", "machine-b", 1).await
     })?;
-    wait_for(
-        "acknowledgements from machine-b",
-        Duration::from_secs(30),
-        || Ok(watch.acks().any_on("machine-b")),
-    )?;
+    watch.wait_acked_on("machine-b")?;
     let acks = watch.stop();
     let report = ledger::verify_move(&acks, (a, &vol.path), (b, &vol.path))?;
     eprintln!(
@@ -377,15 +373,7 @@ fn real_pod_writes_to_zfs_and_moves_by_hand(env: &mut Env) -> Result<()> {
 fn pods_reach_each_other(env: &mut Env) -> Result<()> {
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), "default");
     for node in ["machine-a", "machine-b"] {
-        let pod: Pod = serde_json::from_value(json!({
-            "metadata": {"name": format!("net-{node}")},
-            "spec": {
-                "nodeName": node,
-                "automountServiceAccountToken": false,
-                "containers": [{"name": "app", "image": ployz_e2e::node::LEDGER_IMAGE,
-                                "imagePullPolicy": "Never", "args": ["/tmp"]}],
-            },
-        }))?;
+        let pod = k8s::ledger_pod(&format!("net-{node}"), node)?;
         env.block_on(pods.create(&PostParams::default(), &pod))?;
     }
     let ip_b = env.block_on(ployz_e2e::wait::until(
@@ -417,7 +405,7 @@ fn pods_reach_each_other(env: &mut Env) -> Result<()> {
         ],
     )?;
     ensure!(
-        out.contains("\"writer\":\"net-machine-b\""),
+        out.contains("\"writer\":\"net-machine-b@machine-b\""),
         "the pod on machine-a got {out:?} from the pod on machine-b"
     );
     for node in ["machine-a", "machine-b"] {

@@ -18,7 +18,6 @@ use ployz_e2e::env::{Env, Options, bin_dir};
 use ployz_e2e::k8s;
 use ployz_e2e::ledger::{self, AckWatch};
 use ployz_e2e::machine::ZfsMachine;
-use ployz_e2e::wait::wait_for;
 
 const NS: &str = "demo";
 const APP: &str = "db";
@@ -115,11 +114,7 @@ fn report_app(
     from: (&ZfsMachine, &str),
     to: (&ZfsMachine, &str),
 ) -> Result<()> {
-    wait_for(
-        &format!("the app to write on {}", to.0.name),
-        std::time::Duration::from_secs(60),
-        || Ok(app.acks().any_on(&to.0.name)),
-    )?;
+    app.wait_acked_on(&to.0.name)?;
     let r = ledger::verify_move(&app.acks(), from, to)?;
     println!(
         "the app: {} records in its ledger on {}, every acknowledged write there, none torn",
@@ -175,7 +170,7 @@ fn demo(env: &Env) -> Result<()> {
         "cd '{}' && for i in $(seq 1 64); do head -c 1048576 /dev/urandom > table-$i; done && sync",
         vol.path
     ))?;
-    env.block_on(k8s::create_deployment(&env.client, NS, APP, "data", 1))?;
+    env.block_on(k8s::create_deployment(&env.client, NS, APP, "data"))?;
     env.block_on(k8s::wait_ready_on(
         &env.client,
         NS,
