@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod flow;
 pub mod manifest;
 pub mod names;
 pub mod openebs;

@@ -27,6 +27,7 @@ pub struct Metrics {
     pub duration_seconds: Histogram,
     pub downtime_seconds: Histogram,
     pub active_transfers: Gauge,
+    pub reconcile_errors: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -47,6 +48,12 @@ impl Default for Metrics {
         // 0.1 s .. ~55 min
         let downtime_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         let active_transfers = Gauge::default();
+        let reconcile_errors = Counter::default();
+        registry.register(
+            "reconcile_errors",
+            "Reconciles that failed and were retried",
+            reconcile_errors.clone(),
+        );
         registry.register(
             "migrations",
             "Migrations this agent finished as source, by result",
@@ -91,6 +98,7 @@ impl Default for Metrics {
             duration_seconds,
             downtime_seconds,
             active_transfers,
+            reconcile_errors,
         }
     }
 }

@@ -5,6 +5,7 @@
 mod http;
 mod machine;
 pub mod metrics;
+mod retention;
 mod source;
 mod status;
 mod target;
@@ -24,7 +25,7 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
-use tracing::{info, warn};
+use tracing::{Instrument as _, info, warn};
 
 use crate::api::{Migration, ZfsInfo};
 use crate::transfer::authz::KubeAuthorizer;
@@ -39,6 +40,9 @@ pub const SOURCE_LABEL: &str = "ployz.dev/source";
 pub const FINALIZER: &str = "ployz.dev/rollback";
 /// Annotation on the workload naming the Migration that moves it (the per-workload lock).
 pub const LOCK_ANNOTATION: &str = "ployz.dev/migration";
+/// Annotation on a Migration with the operator's decision, `abandon` or `complete`
+/// (`ployzctl migrate abandon|complete`).
+pub const RESOLVE_ANNOTATION: &str = "ployz.dev/resolve";
 /// Field manager of everything the agent writes.
 pub const MANAGER: &str = "ployz-agent";
 
@@ -89,6 +93,10 @@ pub struct Config {
     /// Seconds between Machine heartbeats.
     #[arg(long, env = "PLOYZ_HEARTBEAT_SECONDS", default_value_t = 10)]
     pub heartbeat_seconds: u64,
+    /// Seconds without a heartbeat from a Migration's source agent before this machine, its
+    /// target, takes the Migration over.
+    #[arg(long, env = "PLOYZ_TAKEOVER_SECONDS", default_value_t = 60)]
+    pub takeover_seconds: u64,
     /// Namespace of OpenEBS zfs-localpv's ZFSVolumes.
     #[arg(long, env = "PLOYZ_OPENEBS_NAMESPACE", default_value = "openebs")]
     pub openebs_namespace: String,
@@ -119,10 +127,16 @@ pub struct Ctx {
     pub zfs: Arc<ZfsCli>,
     pub info: ZfsInfo,
     pub sender: Arc<Sender<ZfsCli>>,
+    /// This machine's receiver, for role changes of its own copies when it drives.
+    pub server: Arc<Server<ZfsCli, KubeAuthorizer>>,
     pub recorder: Recorder,
     pub metrics: Arc<metrics::Metrics>,
     pub transfers: transfers::Transfers,
     pub backoff: Backoff,
+    /// Migrations (UID) whose datasets on this machine were pruned in this run.
+    pub pruned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Per Migration (UID): since when its target has refused connections.
+    pub unreachable: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -142,6 +156,11 @@ pub enum Error {
     Zfs(#[from] crate::zfs::ZfsError),
     #[error("{0} no longer exists")]
     WorkloadGone(String),
+    /// The peer agent refused or failed a role change.
+    #[error("{1}")]
+    Peer(crate::api::Reason, String),
+    #[error("{0}")]
+    InvalidSpec(String),
     #[error("{0}")]
     Other(String),
 }
@@ -176,11 +195,29 @@ impl Backoff {
     }
 }
 
+/// A failed reconcile is retried with backoff, counted, and reported on the Migration as a
+/// Warning Event (the recorder aggregates repeats), so an RBAC or API error reaches the user.
 fn error_policy(m: Arc<Migration>, e: &Error, ctx: Arc<Ctx>) -> Action {
     let delay = ctx
         .backoff
         .next(&m.uid().unwrap_or_default(), e.first_delay());
     warn!(migration = %m.name_any(), error = %e, ?delay, "reconcile failed; retrying");
+    ctx.metrics.reconcile_errors.inc();
+    // A conflict only means a newer version exists: decided again at once, not an error.
+    let conflict = matches!(e, Error::Kube(kube::Error::Api(a)) if a.code == 409);
+    if !conflict {
+        let note = format!("{e}; retrying in {}s", delay.as_secs().max(1));
+        tokio::spawn(async move {
+            status::event(
+                &ctx,
+                &m,
+                kube::runtime::events::EventType::Warning,
+                "ReconcileError",
+                &note,
+            )
+            .await;
+        });
+    }
     Action::requeue(delay)
 }
 
@@ -199,6 +236,7 @@ async fn reset_on_success(
 /// One role of the agent: a controller over the Migrations `watch` selects, whose successful
 /// reconciles reset that Migration's backoff.
 fn role<F, Fut>(
+    role: &'static str,
     api: Api<Migration>,
     watch: watcher::Config,
     reconcile: F,
@@ -211,9 +249,25 @@ where
     Controller::new(api, watch)
         .shutdown_on_signal()
         .run(
-            move |m, ctx| async move {
-                let result = reconcile(Arc::clone(&m), Arc::clone(&ctx)).await;
-                reset_on_success(&ctx, &m, result).await
+            move |cached, ctx| {
+                let span = tracing::info_span!(
+                    "reconcile",
+                    migration = %status::key(&cached),
+                    role
+                );
+                async move {
+                    // Decide from the live object: the watch cache may lag behind (a watch
+                    // that reconnects late after an API-server restart), and a stale status
+                    // must never drive an effect.
+                    let m = match status::api(&ctx, &cached).get_opt(&cached.name_any()).await {
+                        Ok(Some(m)) => Arc::new(m),
+                        Ok(None) => return Ok(Action::await_change()),
+                        Err(e) => return Err(e.into()),
+                    };
+                    let result = reconcile(Arc::clone(&m), Arc::clone(&ctx)).await;
+                    reset_on_success(&ctx, &m, result).await
+                }
+                .instrument(span)
             },
             error_policy,
             ctx,
@@ -248,6 +302,9 @@ pub async fn run(config: Config) -> Result<()> {
         .info()
         .await
         .with_context(|| format!("running {}", config.zfs.display()))?;
+    if let Ok(pool) = config.pool.parse::<DatasetName>() {
+        retention::release_leaked_holds(&zfs, &info, &pool).await;
+    }
     let identity = Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)
         .context("loading the agent's TLS identity")?;
     let metrics = Arc::new(metrics::Metrics::default());
@@ -286,6 +343,7 @@ pub async fn run(config: Config) -> Result<()> {
             info.clone(),
             identity.client_config()?,
         )),
+        server: Arc::clone(&server),
         zfs,
         info,
         recorder: Recorder::new(
@@ -297,6 +355,8 @@ pub async fn run(config: Config) -> Result<()> {
         ),
         transfers: transfers::Transfers::new(config.max_transfers, Arc::clone(&metrics)),
         backoff: Backoff::default(),
+        unreachable: Default::default(),
+        pruned: Default::default(),
         metrics: Arc::clone(&metrics),
         config,
     });
@@ -306,12 +366,14 @@ pub async fn run(config: Config) -> Result<()> {
 
     let api: Api<Migration> = Api::all(client.clone());
     let as_target = role(
+        "target",
         api.clone(),
         watcher::Config::default().fields(&format!("spec.to={machine}")),
         target::reconcile,
         Arc::clone(&ctx),
     );
     let as_source = role(
+        "source",
         api,
         watcher::Config::default().labels(&format!("{SOURCE_LABEL}={machine}")),
         source::reconcile,

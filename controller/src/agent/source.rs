@@ -1,90 +1,112 @@
-//! The source machine's side: drives a planned Migration through pre-copy, cutover and, on
-//! failure or cancellation, rollback. Each reconcile performs the next step of the phase and
-//! records it in status, having recorded first whatever the step creates or changes (snapshot
-//! names, replica count, PV specs, node pinning), so a restarted agent picks up where it was.
+//! The source machine's side: the executor of a planned Migration. Each reconcile reads the
+//! Migration live, gathers the facts its stage needs, asks [`crate::flow::decide`] for the
+//! next effect, performs it and writes status once, on the condition that the Migration did
+//! not change meanwhile. Whatever an effect creates or must undo was recorded by an earlier
+//! write, and every effect is idempotent, so a restarted agent picks up where it was.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::{info, warn};
 
 use super::metrics::ResultLabel;
-use super::status::{self, key, transition};
-use super::transfers::{PassResult, SendFn};
-use super::workload::{Workload, pod_ready, replace_pv};
-use super::{Ctx, Error, FINALIZER};
+use super::status::{self, key};
+use super::transfers::{PassStatus, SendFn};
+use super::workload::{Observed, Workload, pod_ready, replace_pv};
+use super::{Ctx, Error, FINALIZER, LOCK_ANNOTATION, RESOLVE_ANNOTATION};
 use crate::api::{
     Compression, Cutover, CutoverStep, Machine, Migration, MigrationPlan, MigrationStatus, Phase,
-    SourceCopy, VolumeBinding, VolumeProgress,
+    Reason, RollbackStep, SourceCopy, VolumeBinding, VolumeProgress,
+};
+use crate::flow::{
+    self, Claims, Decision, Effect, Facts, Failure, Limits, PassFacts, Pinning, Stage, Then,
 };
 use crate::openebs::{CSI_DRIVER, ZFSVolume};
-use crate::plan::rebind::{move_pv, pinning, pv_on_node};
-use crate::plan::{another_pass, snapshot_name};
+use crate::plan::rebind::{move_pv, pinning, pv_on_node, reclaim_policy};
+use crate::plan::snapshot_name;
 use crate::transfer::client::{SendJob, TransferError};
-use crate::transfer::protocol::{Action as PeerAction, MigrationKey, WireCompression};
-use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_REPLICA, Zfs, ZfsError};
+use crate::transfer::protocol::{
+    Action as PeerAction, MigrationKey, RefusalReason, WireCompression,
+};
+use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, Zfs, ZfsError};
 
-/// Consecutive failed passes before a transfer problem fails the migration.
-const MAX_TRANSFER_FAILURES: u32 = 5;
-/// How often progress is written while a pass runs.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-
-fn requeue_now() -> Action {
-    Action::requeue(Duration::from_millis(100))
-}
+/// Longest wait for a TCP connection to a peer agent.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait for a peer's answer to a promote or demote.
+const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let s = m.status.clone().unwrap_or_default();
     let Some(plan) = s.plan.clone() else {
         return Ok(Action::await_change());
     };
-    if plan.source != ctx.machine {
+    if s.phase.is_some_and(Phase::is_terminal) && super::retention::first_look(&ctx, &m) {
+        // Back after a takeover that completed the move: retire the copy here, as the move
+        // itself would have.
+        if s.phase == Some(Phase::Succeeded) && s.taken_over_by.is_some() {
+            let copy = m.spec.source_copy.unwrap_or_default();
+            if let Err(e) = retire_source(&ctx, &m, &plan, &s, copy).await {
+                warn!(migration = %key(&m), error = %e, "cannot retire the source copy");
+            }
+        }
+        super::retention::prune(&ctx, &m, &plan).await;
+    }
+    // One driver: the source's agent, or the target's once it took the Migration over.
+    let driver = s.taken_over_by.as_deref().unwrap_or(&plan.source);
+    if driver != ctx.machine {
         return Ok(Action::await_change());
     }
-    let phase = s.phase.unwrap_or(Phase::Pending);
-    if m.metadata.deletion_timestamp.is_some() {
-        if phase.is_terminal() {
-            remove_finalizer(&ctx, &m).await?;
-            return Ok(Action::await_change());
+    drive(m, ctx, s, plan).await
+}
+
+/// Runs one decision of the Migration this agent drives.
+pub async fn drive(
+    m: Arc<Migration>,
+    ctx: Arc<Ctx>,
+    s: MigrationStatus,
+    plan: MigrationPlan,
+) -> Result<Action, Error> {
+    let stage = Stage::of(&s);
+    let w = workload(&ctx, &m, &plan);
+    let facts = observe(&ctx, &m, &s, &plan, &stage, &w).await?;
+    let decision = flow::decide(&s, &facts, &limits(&ctx, &m));
+    let mut next = s.clone();
+    let mut warning = None;
+    let then = match perform(&ctx, &m, &plan, &w, &mut next, &decision.effect).await {
+        Ok(()) => decision.then.clone(),
+        Err(e) => {
+            let failure = classify(&ctx, &e);
+            match flow::on_error(&stage, &decision.effect, &failure) {
+                Some(then) => {
+                    warn!(migration = %key(&m), effect = ?decision.effect, error = %e, "effect failed");
+                    warning = Some(failure.message);
+                    then
+                }
+                None => return Err(e),
+            }
         }
-        if phase != Phase::RollingBack {
-            ctx.transfers.abort(&uid(&m));
-            transition(
-                &ctx,
-                &m,
-                s,
-                Phase::RollingBack,
-                "Cancelled",
-                "the Migration was deleted in flight; moving the workload back to the source",
-            )
-            .await?;
-            return Ok(requeue_now());
-        }
-    }
-    let result = match phase {
-        Phase::Snapshotting => snapshot(&ctx, &m, s.clone(), &plan).await,
-        Phase::Sending => pre_copy(&ctx, &m, s.clone(), &plan).await,
-        Phase::CuttingOver => cutover(&ctx, &m, s.clone(), &plan).await,
-        Phase::RollingBack => rollback(&ctx, &m, s.clone(), &plan).await,
-        _ => Ok(Action::await_change()),
     };
-    match result {
-        // The workload was deleted under a move: undo what can be undone and stop.
-        Err(Error::WorkloadGone(what)) if phase != Phase::RollingBack => {
-            let message = format!("{what} was deleted during the migration");
-            fail(&ctx, &m, s, "WorkloadGone", &message).await
-        }
-        other => other,
-    }
+    record(&ctx, &m, &plan, s, next, &decision, then, &facts, warning).await
 }
 
 fn uid(m: &Migration) -> String {
     m.uid().unwrap_or_default()
+}
+
+fn limits(ctx: &Ctx, m: &Migration) -> Limits {
+    Limits {
+        cutover: m.spec.cutover_timeout(),
+        target_ready: m.spec.target_ready_timeout(),
+        precopy_threshold: ctx.config.precopy_threshold,
+        precopy_passes: ctx.config.precopy_passes,
+        source_copy: m.spec.source_copy.unwrap_or_default(),
+    }
 }
 
 fn migration_key(m: &Migration) -> MigrationKey {
@@ -99,17 +121,609 @@ fn dataset(name: &str) -> Result<DatasetName, Error> {
         .map_err(|e| Error::Other(format!("dataset {name:?}: {e}")))
 }
 
-/// Starts failing: rollback runs next and ends the Migration as Failed.
-async fn fail(
+fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
+    Workload::new(
+        ctx.client.clone(),
+        &m.namespace().unwrap_or_default(),
+        plan.workload.clone(),
+    )
+}
+
+/// Time since `since` (zero if the clock says it is in the future).
+fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
+    let d = k8s_openapi::jiff::Timestamp::now().duration_since(since.0);
+    Duration::from_millis(d.as_millis().max(0) as u64)
+}
+
+/// The snapshot the current pass sends: the pre-copy pass's, or the final one.
+fn pass_snapshot(s: &MigrationStatus, stage: &Stage) -> Option<String> {
+    match stage {
+        Stage::Sending | Stage::Snapshotting => s.pre_copy.as_ref().map(|p| p.snapshot.clone()),
+        Stage::CuttingOver(Some(CutoverStep::ScaledDown)) => {
+            s.cutover.as_ref().map(|c| c.final_snapshot.clone())
+        }
+        _ => None,
+    }
+}
+
+/// Gathers what `stage` decides on, reading only what it needs.
+async fn observe(
     ctx: &Ctx,
     m: &Migration,
-    s: MigrationStatus,
-    reason: &str,
-    message: &str,
+    s: &MigrationStatus,
+    plan: &MigrationPlan,
+    stage: &Stage,
+    w: &Workload,
+) -> Result<Facts, Error> {
+    let observed = match w.get().await {
+        Ok(o) => Some(o),
+        Err(Error::WorkloadGone(_)) => None,
+        Err(e) => return Err(e),
+    };
+    let mut f = Facts {
+        deleting: m.metadata.deletion_timestamp.is_some(),
+        finalizer: m.finalizers().iter().any(|x| x == FINALIZER),
+        locked_by_us: observed.as_ref().is_some_and(|o| {
+            o.annotations.get(LOCK_ANNOTATION).map(String::as_str) == Some(&m.name_any())
+        }),
+        since_cutover: s.cutover.as_ref().map(|c| elapsed(&c.started)),
+        since_scale_up: s
+            .cutover
+            .as_ref()
+            .and_then(|c| c.scaled_up.as_ref())
+            .map(elapsed),
+        resolve: match m.annotations().get(RESOLVE_ANNOTATION).map(String::as_str) {
+            Some("abandon") => Some(flow::Resolve::Abandon),
+            Some("complete") => Some(flow::Resolve::Complete),
+            _ => None,
+        },
+        retry_in: s.retry_at.as_ref().map(|t| {
+            let left = t.0.duration_since(k8s_openapi::jiff::Timestamp::now());
+            Duration::from_millis(left.as_millis().max(0) as u64)
+        }),
+        ..Facts::default()
+    };
+    if let Some(snapshot) = pass_snapshot(s, stage) {
+        f.pass = match ctx
+            .transfers
+            .peek(&uid(m), &snapshot, |e| transfer_failure(plan, e))
+        {
+            PassStatus::Idle => PassFacts::Idle,
+            PassStatus::Running => PassFacts::Running,
+            PassStatus::Done(bytes) => PassFacts::Done(bytes),
+            PassStatus::Failed(failure) => PassFacts::Failed(failure),
+        };
+    }
+    let needs_pods = matches!(
+        stage,
+        Stage::CuttingOver(Some(CutoverStep::Started | CutoverStep::ScaledUp))
+            | Stage::RollingBack {
+                step: Some(RollbackStep::Started),
+                ..
+            }
+    );
+    let needs_claims = matches!(
+        stage,
+        Stage::CuttingOver(Some(CutoverStep::Pinned))
+            | Stage::RollingBack {
+                step: Some(RollbackStep::Rebound),
+                ..
+            }
+    );
+    let needs_pinning = matches!(
+        stage,
+        Stage::CuttingOver(Some(CutoverStep::Rebound))
+            | Stage::RollingBack {
+                step: Some(RollbackStep::Rebound),
+                ..
+            }
+    );
+    let needs_ends = needs_pods || needs_pinning;
+    let ends = if needs_ends {
+        Some(ends(ctx, plan).await?)
+    } else {
+        None
+    };
+    if let Some(o) = &observed {
+        let mut wf = flow::WorkloadFacts {
+            replicas: o.replicas,
+            ..Default::default()
+        };
+        if needs_pods && let Some(e) = &ends {
+            let pods = w.pods(&o.selector).await?;
+            wf.pods = pods.len();
+            wf.ready_on_target = pods
+                .iter()
+                .filter(|p| {
+                    pod_ready(p)
+                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
+                            == Some(&e.target_node)
+                })
+                .count();
+        }
+        f.workload = Some(wf);
+        if needs_pinning && let Some(e) = &ends {
+            f.pinning = pinning_of(o, e);
+        }
+    }
+    if needs_claims {
+        f.claims = claims(ctx, m, s, plan).await?;
+    }
+    if let Stage::CuttingOver(Some(step)) = stage
+        && *step < CutoverStep::ScaledUp
+        && plan.target != ctx.machine
+    {
+        f.target_unreachable_for = target_unreachable_for(ctx, m, plan).await?;
+    }
+    Ok(f)
+}
+
+fn pinning_of(o: &Observed, e: &Ends) -> Pinning {
+    if pinning(&o.template, &e.source_node, &e.target_node).is_some() {
+        Pinning::Source
+    } else if pinning(&o.template, &e.target_node, &e.source_node).is_some() {
+        Pinning::Target
+    } else {
+        Pinning::None
+    }
+}
+
+/// How long the target's transfer endpoint has refused connections, by this agent's count
+/// (a restarted agent counts afresh, which only delays the decision).
+async fn target_unreachable_for(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+) -> Result<Option<Duration>, Error> {
+    let endpoint = ends(ctx, plan).await?.target_endpoint;
+    let reachable = dial(&endpoint).await.is_ok();
+    let mut down = ctx.unreachable.lock().unwrap_or_else(|p| p.into_inner());
+    if reachable {
+        down.remove(&uid(m));
+        return Ok(None);
+    }
+    let since = *down.entry(uid(m)).or_insert_with(Instant::now);
+    Ok(Some(since.elapsed()))
+}
+
+async fn dial(endpoint: &str) -> std::io::Result<tokio::net::TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(endpoint))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)?
+}
+
+/// Whether the workload's claims are all Bound to their PVs again, and the PVs have their
+/// recorded reclaim policy back.
+async fn claims(
+    ctx: &Ctx,
+    m: &Migration,
+    s: &MigrationStatus,
+    plan: &MigrationPlan,
+) -> Result<Claims, Error> {
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    let mut all = Claims::Bound;
+    for v in &plan.volumes {
+        let claim = api.get(&v.claim).await?;
+        let pv = pvs.get_opt(&v.volume).await?;
+        let claim_phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
+        let pv_phase = pv
+            .as_ref()
+            .and_then(|p| p.status.as_ref())
+            .and_then(|s| s.phase.as_deref());
+        if claim_phase == Some("Lost") {
+            return Ok(Claims::Lost);
+        }
+        if claim_phase != Some("Bound") || pv_phase != Some("Bound") {
+            all = Claims::Pending;
+        } else if all == Claims::Bound
+            && let (Some(pv), Some(want)) = (&pv, recorded_policy(s, &v.volume)?)
+            && reclaim_policy(pv) != want
+        {
+            all = Claims::Retained;
+        }
+    }
+    Ok(all)
+}
+
+/// The reclaim policy `volume` had on the source, as recorded before the rebind.
+fn recorded_policy(s: &MigrationStatus, volume: &str) -> Result<Option<String>, Error> {
+    let Some(b) = s
+        .cutover
+        .iter()
+        .flat_map(|c| &c.volumes)
+        .find(|b| b.volume == volume)
+    else {
+        return Ok(None);
+    };
+    let pv: PersistentVolume = serde_json::from_str(&b.original_spec)
+        .map_err(|e| Error::Other(format!("recorded PV {volume}: {e}")))?;
+    Ok(Some(reclaim_policy(&pv).to_string()))
+}
+
+async fn restore_reclaim_policies(ctx: &Ctx, s: &MigrationStatus) -> Result<(), Error> {
+    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
+    for b in s.cutover.iter().flat_map(|c| &c.volumes) {
+        if let Some(want) = recorded_policy(s, &b.volume)? {
+            pvs.patch(
+                &b.volume,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"persistentVolumeReclaimPolicy": want}})),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// Performs one effect; fills in `next` whatever status must record of it.
+async fn perform(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+    w: &Workload,
+    next: &mut MigrationStatus,
+    effect: &Effect,
+) -> Result<(), Error> {
+    match effect {
+        Effect::Nothing => {}
+        Effect::AbortTransfers => ctx.transfers.abort(&uid(m)),
+        Effect::Snapshot => {
+            let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
+            take_snapshots(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
+        }
+        Effect::StartPass => {
+            let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
+            start_pass(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
+        }
+        Effect::StartFinalPass => {
+            let snapshot = next.cutover.as_ref().map(|c| c.final_snapshot.clone());
+            let snapshot = snapshot.unwrap_or_default();
+            // The fault tests stop the target here, with the workload already down.
+            fail::fail_point!("before-final-pass");
+            take_snapshots(ctx, m, plan, &snapshot).await?;
+            start_pass(ctx, m, plan, &snapshot).await?;
+        }
+        Effect::ReportProgress => {
+            if let Some(snapshot) = pass_snapshot(next, &Stage::of(next)) {
+                report_progress(ctx, m, plan, next, &snapshot);
+            }
+        }
+        Effect::Scale(n) => w.scale(*n).await?,
+        Effect::RecordBindings => {
+            let bindings = bindings(ctx, plan).await?;
+            if let Some(c) = next.cutover.as_mut() {
+                c.volumes = bindings;
+            }
+        }
+        Effect::Promote => {
+            let endpoint = ends(ctx, plan).await?.target_endpoint;
+            let Some(c) = next.cutover.as_mut() else {
+                return Ok(());
+            };
+            for b in c.volumes.iter_mut() {
+                b.target_path =
+                    role_change(ctx, m, plan, &endpoint, &b.claim, PeerAction::Promote).await?;
+            }
+        }
+        Effect::RebindToTarget => {
+            fail::fail_point!("before-rebind-to-target", |_| crash(
+                "before-rebind-to-target"
+            ));
+            let e = ends(ctx, plan).await?;
+            for b in next.cutover.iter().flat_map(|c| &c.volumes) {
+                let (from, to) = e.nodes_of(b);
+                rebind(ctx, b, from, to, Some(&e.target_parent)).await?;
+            }
+        }
+        Effect::RecordPinning | Effect::PinToTarget => {
+            let e = ends(ctx, plan).await?;
+            let observed = w.get().await?;
+            let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node) else {
+                return Ok(());
+            };
+            let Some(c) = next.cutover.as_mut() else {
+                return Ok(());
+            };
+            if *effect == Effect::RecordPinning {
+                c.original_placement = Some(p.original.to_string());
+            } else {
+                fail::fail_point!("before-pin-to-target", |_| crash("before-pin-to-target"));
+                w.patch_pod_spec(&p.to_target).await?;
+            }
+        }
+        Effect::TouchClaims => touch_lost_claims(ctx, m, plan).await?,
+        Effect::RestoreReclaimPolicy => restore_reclaim_policies(ctx, next).await?,
+        Effect::RetireSource(copy) => retire_source(ctx, m, plan, next, *copy).await?,
+        Effect::RebindToSource => {
+            let e = ends(ctx, plan).await?;
+            for b in next.cutover.iter().flat_map(|c| &c.volumes) {
+                rebind(ctx, b, "", e.nodes_of(b).0, None).await?;
+            }
+        }
+        Effect::RestorePinning => {
+            if let Some(original) = next
+                .cutover
+                .as_ref()
+                .and_then(|c| c.original_placement.as_ref())
+            {
+                let patch: serde_json::Value =
+                    serde_json::from_str(original).map_err(|e| Error::Other(e.to_string()))?;
+                w.patch_pod_spec(&patch).await?;
+            }
+        }
+        Effect::Demote => {
+            let endpoint = ends(ctx, plan).await?.target_endpoint;
+            for v in &plan.volumes {
+                role_change(ctx, m, plan, &endpoint, &v.claim, PeerAction::Demote).await?;
+            }
+        }
+        Effect::Unlock => w.unlock(&m.name_any()).await?,
+        Effect::RemoveFinalizer => remove_finalizer(ctx, m).await?,
+    }
+    Ok(())
+}
+
+/// A simulated crash for the fault tests (compiled in with the `failpoints` feature only).
+#[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+fn crash(point: &str) -> Result<(), Error> {
+    warn!(point, "crash point reached: exiting");
+    std::process::exit(86)
+}
+
+/// Records the effect's outcome in status and returns when to look again.
+#[allow(clippy::too_many_arguments)]
+async fn record(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+    before: MigrationStatus,
+    mut s: MigrationStatus,
+    decision: &Decision,
+    then: Then,
+    facts: &Facts,
+    warning: Option<String>,
 ) -> Result<Action, Error> {
-    ctx.transfers.abort(&uid(m));
-    transition(ctx, m, s, Phase::RollingBack, reason, message).await?;
-    Ok(requeue_now())
+    let requeue_now = || Action::requeue(Duration::from_millis(50));
+    let mut entered: Option<(Phase, Reason, String)> = None;
+    let mut action = requeue_now();
+    // The pass whose result this write records, dropped from memory once it is written.
+    let mut consumed = None;
+    match then {
+        Then::Wait(after) => {
+            action = after.map_or_else(Action::await_change, Action::requeue);
+        }
+        Then::Enter(phase, reason) => {
+            let message = match (phase, &s.pre_copy) {
+                (Phase::Sending, Some(pc)) => format!(
+                    "pass {}: sending snapshot {} of {} volume(s) while the workload runs",
+                    pc.pass,
+                    pc.snapshot,
+                    plan.volumes.len()
+                ),
+                _ => format!("{phase:?}"),
+            };
+            entered = Some((phase, reason, message));
+        }
+        Then::NextPass { bytes } | Then::PreCopyDone { bytes } => {
+            let pc = s.pre_copy.get_or_insert_with(Default::default);
+            consumed = Some(pc.snapshot.clone());
+            pc.pass_bytes.push(bytes);
+            s.transfer_failures = Some(0);
+            s.retry_at = None;
+            if matches!(then, Then::NextPass { .. }) {
+                pc.pass += 1;
+                pc.snapshot = snapshot_name(&uid(m), Some(pc.pass));
+                let message = format!(
+                    "pass {} sent {bytes} bytes; another pass to shrink the final delta",
+                    pc.pass - 1
+                );
+                entered = Some((Phase::Snapshotting, Reason::AnotherPass, message));
+            } else {
+                let message = format!(
+                    "pre-copy done after {} pass(es), the last sent {bytes} bytes; stopping the workload for the final delta",
+                    pc.pass
+                );
+                entered = Some((Phase::CuttingOver, Reason::PreCopyDone, message));
+            }
+        }
+        Then::StartCutover { replicas } => {
+            s.cutover = Some(Cutover {
+                step: CutoverStep::Started,
+                original_replicas: replicas,
+                started: status::now(),
+                final_snapshot: snapshot_name(&uid(m), None),
+                scaled_up: None,
+                volumes: vec![],
+                original_placement: None,
+            });
+        }
+        Then::Step(step) => {
+            if let Some(c) = s.cutover.as_mut() {
+                if c.step != step {
+                    info!(migration = %key(m), ?step, elapsed_ms = elapsed(&c.started).as_millis() as u64, "cutover step done");
+                }
+                c.step = step;
+                if step == CutoverStep::ScaledUp && c.scaled_up.is_none() {
+                    c.scaled_up = Some(status::now());
+                }
+            }
+        }
+        Then::FinalSent { bytes } => {
+            if let Some(c) = s.cutover.as_mut() {
+                consumed = Some(c.final_snapshot.clone());
+                c.step = CutoverStep::FinalSent;
+            }
+            if let Some(pc) = s.pre_copy.as_mut() {
+                pc.pass_bytes.push(bytes);
+            }
+            s.transfer_failures = Some(0);
+            s.retry_at = None;
+        }
+        Then::Retry { failures, after } => {
+            consumed = pass_snapshot(&s, &Stage::of(&s));
+            let cause = match &facts.pass {
+                PassFacts::Failed(f) => f.message.clone(),
+                _ => "transfer failed".into(),
+            };
+            warn!(migration = %key(m), failures, error = %cause, "transfer failed; retrying");
+            s.transfer_failures = Some(failures);
+            s.retry_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::now()
+                    + k8s_openapi::jiff::SignedDuration::from_millis(after.as_millis() as i64),
+            ));
+            s.message = Some(format!(
+                "{cause}; retry {failures} of {} in {}s",
+                flow::MAX_TRANSFER_FAILURES - 1,
+                after.as_secs()
+            ));
+            action = Action::requeue(after);
+        }
+        Then::RollBack(reason, message) => {
+            s.rollback = None;
+            s.retry_at = None;
+            entered = Some((Phase::RollingBack, reason, message));
+        }
+        Then::RollbackStep(step) => {
+            s.rollback = Some(step);
+        }
+        Then::Succeed => {
+            let c = s.cutover.clone();
+            let downtime_ms = c
+                .as_ref()
+                .map_or(0, |c| elapsed(&c.started).as_millis() as u64);
+            s.downtime_milliseconds = Some(downtime_ms);
+            let sent: u64 = s.pre_copy.as_ref().map_or(0, |p| p.pass_bytes.iter().sum());
+            let delete = m.spec.source_copy == Some(SourceCopy::Delete);
+            let copy = match (&warning, delete) {
+                (Some(w), true) => format!("could not be deleted ({w}); delete it by hand"),
+                (Some(w), false) => format!("could not be made a read-only replica ({w})"),
+                (None, true) => "is deleted".into(),
+                (None, false) => "is kept as a read-only replica".into(),
+            };
+            let message = format!(
+                "{} {} runs on {}; {} sent, downtime {:.1}s; the copy on {} {copy}",
+                plan.workload.kind,
+                plan.workload.name,
+                plan.target,
+                super::machine::human_bytes(sent),
+                downtime_ms as f64 / 1000.0,
+                plan.source,
+            );
+            let progress = s.progress.get_or_insert_with(Default::default);
+            progress.bytes_sent = sent;
+            progress.summary = Some(format!("done: {}", super::machine::human_bytes(sent)));
+            ctx.metrics
+                .downtime_seconds
+                .observe(downtime_ms as f64 / 1000.0);
+            entered = Some((Phase::Succeeded, Reason::Succeeded, message));
+        }
+        Then::Finish => {
+            let reason = Reason::parse(s.reason.as_deref().unwrap_or_default());
+            let cause = s.message.clone().unwrap_or_default();
+            let message = format!(
+                "{}. The workload runs on {}; nothing on it was changed or deleted.",
+                cause.trim_end_matches('.'),
+                plan.source
+            );
+            entered = Some((flow::final_phase(reason), reason, message));
+        }
+    }
+    if let Some(w) = &warning
+        && decision.effect == Effect::Demote
+    {
+        status::event(
+            ctx,
+            m,
+            EventType::Warning,
+            "DemoteFailed",
+            &format!("cannot make the target's copy a read-only replica again: {w}"),
+        )
+        .await;
+    }
+    let mut changed_phase = None;
+    if let Some((phase, reason, message)) = &entered
+        && status::enter(&mut s, m, *phase, reason.as_str(), message)
+    {
+        changed_phase = Some(*phase);
+    }
+    if s != before {
+        status::write(ctx, m, &s).await?;
+    }
+    if let Some(snapshot) = consumed {
+        ctx.transfers.forget(&uid(m), &snapshot);
+    }
+    if let (Some(phase), Some((_, reason, message))) = (changed_phase, &entered) {
+        status::announce(ctx, m, phase, reason.as_str(), message).await;
+        if phase.is_terminal() {
+            finish_metrics(ctx, &s, &format!("{phase:?}"));
+        }
+        if phase.is_terminal() || phase == Phase::RollingBack {
+            ctx.unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&uid(m));
+        }
+    }
+    if entered.is_some() {
+        action = requeue_now();
+    }
+    Ok(action)
+}
+
+/// Maps an effect's error to a failure reason for [`flow::on_error`].
+fn classify(ctx: &Ctx, e: &Error) -> Failure {
+    match e {
+        Error::Peer(reason, message) => Failure {
+            reason: *reason,
+            retryable: false,
+            message: message.clone(),
+        },
+        Error::Zfs(ZfsError::NotFound(what)) => Failure {
+            reason: Reason::VolumeNotFound,
+            retryable: false,
+            message: format!(
+                "dataset {what} is not on {}; the plan no longer matches this machine",
+                ctx.machine
+            ),
+        },
+        Error::InvalidSpec(message) => Failure {
+            reason: Reason::InvalidSpec,
+            retryable: false,
+            message: message.clone(),
+        },
+        e => Failure {
+            reason: Reason::TransferFailed,
+            retryable: true,
+            message: e.to_string(),
+        },
+    }
+}
+
+/// Reason for a transfer failure, and whether another attempt may fix it.
+fn transfer_failure(plan: &MigrationPlan, e: &TransferError) -> Failure {
+    let reason = match e {
+        TransferError::NoRoom { .. } => Reason::InsufficientSpace,
+        TransferError::Refused { .. } => Reason::TransferRefused,
+        TransferError::Base { .. } => Reason::TargetDiverged,
+        TransferError::Remote { .. } => Reason::ReceiveFailed,
+        _ => Reason::TransferFailed,
+    };
+    // A refusal that only means the target saw an older phase of the Migration (its read
+    // lagged behind this agent's write) is worth another attempt.
+    let stale_peer = matches!(
+        e,
+        TransferError::Refused {
+            reason: RefusalReason::NotSending | RefusalReason::NotPlanned,
+            ..
+        }
+    );
+    Failure {
+        reason,
+        retryable: e.is_retryable() || stale_peer,
+        message: format!("transfer to {} failed: {e}", plan.target),
+    }
 }
 
 /// Takes `name` on every volume (idempotent: an existing snapshot of that name is ours).
@@ -133,106 +747,49 @@ async fn take_snapshots(
     Ok(())
 }
 
-async fn snapshot(
+fn report_progress(
     ctx: &Ctx,
     m: &Migration,
-    s: MigrationStatus,
     plan: &MigrationPlan,
-) -> Result<Action, Error> {
-    let Some(pc) = s.pre_copy.clone() else {
-        return Err(Error::Other(
-            "planned Migration without pre-copy state".into(),
-        ));
-    };
-    if let Err(e) = take_snapshots(ctx, m, plan, &pc.snapshot).await {
-        if let Error::Zfs(ZfsError::NotFound(what)) = &e {
-            let message = format!(
-                "dataset {what} is not on {}; the plan no longer matches this machine",
-                ctx.machine
-            );
-            return fail(ctx, m, s, "VolumeNotFound", &message).await;
-        }
-        return Err(e);
-    }
-    let message = format!(
-        "pass {}: sending snapshot {} of {} volume(s) while the workload runs",
-        pc.pass,
-        pc.snapshot,
-        plan.volumes.len()
-    );
-    transition(ctx, m, s, Phase::Sending, "Snapshotted", &message).await?;
-    Ok(requeue_now())
-}
-
-/// Where a pass stands.
-enum PassState {
-    Running,
-    Done(Vec<u64>),
-    Failed(TransferError),
-}
-
-/// Starts or follows the pass sending `snapshot`, writing progress while it runs.
-async fn pass(
-    ctx: &Ctx,
-    m: &Migration,
     s: &mut MigrationStatus,
-    plan: &MigrationPlan,
     snapshot: &str,
-    label: &str,
-) -> Result<PassState, Error> {
-    let key = uid(m);
-    match ctx.transfers.poll(&key, snapshot) {
-        Some(Some(result)) => return Ok(finished(result)),
-        Some(None) => {}
-        None => {
-            // Progress shows from the next look on; right now the pass is only starting.
-            start_pass(ctx, m, plan, snapshot).await?;
-            return Ok(PassState::Running);
+) {
+    let Some(view) = ctx.transfers.view(&uid(m), snapshot) else {
+        return;
+    };
+    let label = match &s.cutover {
+        Some(_) => "final delta".to_string(),
+        None => format!("pass {}", s.pre_copy.as_ref().map_or(1, |p| p.pass)),
+    };
+    let sent: u64 = view.sent.iter().sum();
+    let estimated: Option<u64> = view.estimated.iter().map(|e| e.filter(|&x| x > 0)).sum();
+    let summary = match estimated {
+        _ if view.waiting == plan.volumes.len() => {
+            format!("{label}: waiting for a transfer slot")
         }
-    }
-    if let Some(view) = ctx.transfers.view(&key, snapshot) {
-        let sent: u64 = view.sent.iter().sum();
-        let estimated: Option<u64> = view.estimated.iter().map(|e| e.filter(|&x| x > 0)).sum();
-        let summary = match estimated {
-            _ if view.waiting == plan.volumes.len() => {
-                format!("{label}: waiting for a transfer slot")
-            }
-            Some(est) => format!(
-                "{label}: {}/{} {}%",
-                super::machine::human_bytes(sent),
-                super::machine::human_bytes(est),
-                (sent.saturating_mul(100) / est.max(1)).min(99)
-            ),
-            None => format!("{label}: {}", super::machine::human_bytes(sent)),
-        };
-        let progress = crate::api::Progress {
-            bytes_sent: sent,
-            bytes_estimated: estimated,
-            summary: Some(summary),
-            volumes: plan
-                .volumes
-                .iter()
-                .zip(view.sent.iter().zip(&view.estimated))
-                .map(|(v, (sent, est))| VolumeProgress {
-                    claim: v.claim.clone(),
-                    bytes_sent: *sent,
-                    bytes_estimated: est.filter(|&x| x > 0),
-                })
-                .collect(),
-        };
-        if s.progress.as_ref() != Some(&progress) {
-            s.progress = Some(progress);
-            status::write(ctx, m, s).await?;
-        }
-    }
-    Ok(PassState::Running)
-}
-
-fn finished(result: PassResult) -> PassState {
-    match result {
-        Ok(bytes) => PassState::Done(bytes),
-        Err(e) => PassState::Failed(e),
-    }
+        Some(est) => format!(
+            "{label}: {}/{} {}%",
+            super::machine::human_bytes(sent),
+            super::machine::human_bytes(est),
+            (sent.saturating_mul(100) / est.max(1)).min(99)
+        ),
+        None => format!("{label}: {}", super::machine::human_bytes(sent)),
+    };
+    s.progress = Some(crate::api::Progress {
+        bytes_sent: sent,
+        bytes_estimated: estimated,
+        summary: Some(summary),
+        volumes: plan
+            .volumes
+            .iter()
+            .zip(view.sent.iter().zip(&view.estimated))
+            .map(|(v, (sent, est))| VolumeProgress {
+                claim: v.claim.clone(),
+                bytes_sent: *sent,
+                bytes_estimated: est.filter(|&x| x > 0),
+            })
+            .collect(),
+    });
 }
 
 async fn start_pass(
@@ -245,7 +802,7 @@ async fn start_pass(
     let transfer = m.spec.transfer.clone().unwrap_or_default();
     let rate_limit = match &transfer.bandwidth_limit {
         Some(q) => Some(crate::api::quantity_bytes(&q.0).ok_or_else(|| {
-            Error::Other(format!(
+            Error::InvalidSpec(format!(
                 "spec.transfer.bandwidthLimit {:?} is not a quantity",
                 q.0
             ))
@@ -271,101 +828,28 @@ async fn start_pass(
     }
     let jobs = Arc::new(jobs);
     let sender = Arc::clone(&ctx.sender);
+    let zfs = Arc::clone(&ctx.zfs);
     let send: SendFn = Arc::new(move |i, progress| {
         let (jobs, sender, endpoint) = (Arc::clone(&jobs), Arc::clone(&sender), endpoint.clone());
+        let zfs = Arc::clone(&zfs);
         Box::pin(async move {
             let job = &jobs[i];
-            let connect = || tokio::net::TcpStream::connect(endpoint.clone());
-            sender.send_with_retry(connect, job, &progress, 3).await
+            let connect = || dial(&endpoint);
+            let report = sender.send_with_retry(connect, job, &progress, 3).await?;
+            // The target holds this snapshot now: retention keeps it as the common one.
+            if let Ok(snap) = job.dataset.snapshot(&job.to) {
+                let value = crate::zfs::retention::with_peer(None, &job.target_machine);
+                if let Err(e) = zfs.set(&snap.to_string(), PROP_PEERS, &value).await {
+                    warn!(%snap, error = %e, "cannot record the snapshot's peer");
+                }
+            }
+            Ok(report)
         })
     });
     info!(migration = %key(m), snapshot, target = %plan.target, "starting transfer pass");
     ctx.transfers
         .start(&uid(m), snapshot, plan.volumes.len(), send);
     Ok(())
-}
-
-/// Reason for a transfer failure, for status and Events.
-fn transfer_reason(e: &TransferError) -> &'static str {
-    match e {
-        TransferError::NoRoom { .. } => "InsufficientSpace",
-        TransferError::Refused { .. } => "TransferRefused",
-        TransferError::Base { .. } => "TargetDiverged",
-        TransferError::Remote { .. } => "ReceiveFailed",
-        _ => "TransferFailed",
-    }
-}
-
-/// A failed pass: retried (with the count in status) while the link may be at fault.
-async fn pass_failed(
-    ctx: &Ctx,
-    m: &Migration,
-    mut s: MigrationStatus,
-    e: TransferError,
-) -> Result<Action, Error> {
-    let failures = s.transfer_failures.unwrap_or(0) + 1;
-    let message = format!(
-        "transfer to {} failed: {e}",
-        s.plan.as_ref().map_or("", |p| p.target.as_str())
-    );
-    if e.is_retryable() && failures < MAX_TRANSFER_FAILURES {
-        warn!(migration = %key(m), failures, error = %e, "transfer failed; retrying");
-        s.transfer_failures = Some(failures);
-        s.message = Some(format!(
-            "{message}; retry {failures} of {}",
-            MAX_TRANSFER_FAILURES - 1
-        ));
-        status::write(ctx, m, &s).await?;
-        return Ok(Action::requeue(Duration::from_secs(
-            2 * u64::from(failures),
-        )));
-    }
-    fail(ctx, m, s, transfer_reason(&e), &message).await
-}
-
-async fn pre_copy(
-    ctx: &Ctx,
-    m: &Migration,
-    mut s: MigrationStatus,
-    plan: &MigrationPlan,
-) -> Result<Action, Error> {
-    let Some(mut pc) = s.pre_copy.clone() else {
-        return Err(Error::Other(
-            "planned Migration without pre-copy state".into(),
-        ));
-    };
-    let label = format!("pass {}", pc.pass);
-    match pass(ctx, m, &mut s, plan, &pc.snapshot, &label).await? {
-        PassState::Running => Ok(Action::requeue(PROGRESS_EVERY)),
-        PassState::Failed(e) => pass_failed(ctx, m, s, e).await,
-        PassState::Done(bytes) => {
-            let total: u64 = bytes.iter().sum();
-            pc.pass_bytes.push(total);
-            s.transfer_failures = Some(0);
-            if another_pass(
-                &pc.pass_bytes,
-                ctx.config.precopy_threshold,
-                ctx.config.precopy_passes,
-            ) {
-                pc.pass += 1;
-                pc.snapshot = snapshot_name(&uid(m), Some(pc.pass));
-                let message = format!(
-                    "pass {} sent {total} bytes; another pass to shrink the final delta",
-                    pc.pass - 1
-                );
-                s.pre_copy = Some(pc);
-                transition(ctx, m, s, Phase::Snapshotting, "AnotherPass", &message).await?;
-            } else {
-                let message = format!(
-                    "pre-copy done after {} pass(es), the last sent {total} bytes; stopping the workload for the final delta",
-                    pc.pass
-                );
-                s.pre_copy = Some(pc);
-                transition(ctx, m, s, Phase::CuttingOver, "PreCopyDone", &message).await?;
-            }
-            Ok(requeue_now())
-        }
-    }
 }
 
 /// What a step needs to know of the plan's two machines, read once per step.
@@ -405,192 +889,25 @@ async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
     })
 }
 
-fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
-    Workload::new(
-        ctx.client.clone(),
-        &m.namespace().unwrap_or_default(),
-        plan.workload.clone(),
-    )
-}
-
-/// Time since `since` (zero if the clock says it is in the future).
-fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
-    let d = k8s_openapi::jiff::Timestamp::now().duration_since(since.0);
-    Duration::from_millis(d.as_millis().max(0) as u64)
-}
-
-async fn cutover(
-    ctx: &Ctx,
-    m: &Migration,
-    mut s: MigrationStatus,
-    plan: &MigrationPlan,
-) -> Result<Action, Error> {
-    let w = workload(ctx, m, plan);
-    let Some(mut c) = s.cutover.clone() else {
-        // Recorded before anything is stopped: the replica count rollback restores.
-        let observed = w.get().await?;
-        s.cutover = Some(Cutover {
-            step: CutoverStep::Started,
-            original_replicas: observed.replicas,
-            started: status::now(),
-            final_snapshot: snapshot_name(&uid(m), None),
-            scaled_up: None,
-            volumes: vec![],
-            original_placement: None,
-        });
-        status::write(ctx, m, &s).await?;
-        return Ok(requeue_now());
-    };
-    let limit = m.spec.cutover_timeout().as_secs();
-    if elapsed(&c.started).as_secs() > limit {
-        let message = format!(
-            "the cutover took longer than {limit}s (at step {:?}); moving the workload back to the source",
-            c.step
-        );
-        return fail(ctx, m, s, "CutoverTimeout", &message).await;
-    }
-    let observed = w.get().await?;
-    match c.step {
-        CutoverStep::Started => {
-            if observed.replicas != 0 {
-                w.scale(0).await?;
-            }
-            if !w.pods(&observed.selector).await?.is_empty() {
-                return Ok(Action::requeue(Duration::from_millis(500)));
-            }
-            c.step = CutoverStep::ScaledDown;
-        }
-        CutoverStep::ScaledDown => {
-            if ctx.transfers.view(&uid(m), &c.final_snapshot).is_none() {
-                take_snapshots(ctx, m, plan, &c.final_snapshot).await?;
-            }
-            match pass(ctx, m, &mut s, plan, &c.final_snapshot, "final delta").await? {
-                PassState::Running => return Ok(Action::requeue(Duration::from_millis(500))),
-                PassState::Failed(e) => return pass_failed(ctx, m, s, e).await,
-                PassState::Done(bytes) => {
-                    if let Some(pc) = s.pre_copy.as_mut() {
-                        pc.pass_bytes.push(bytes.iter().sum());
-                    }
-                    c.step = CutoverStep::FinalSent;
-                }
-            }
-        }
-        CutoverStep::FinalSent => {
-            if c.volumes.is_empty() {
-                // Everything the rebind changes, recorded before it changes.
-                c.volumes = bindings(ctx, plan).await?;
-                s.cutover = Some(c);
-                status::write(ctx, m, &s).await?;
-                return Ok(requeue_now());
-            }
-            let endpoint = ends(ctx, plan).await?.target_endpoint;
-            for (v, b) in plan.volumes.iter().zip(c.volumes.iter_mut()) {
-                let mountpoint = peer(ctx, m, plan, &endpoint, &v.claim, PeerAction::Promote).await;
-                match mountpoint {
-                    Ok(path) => b.target_path = path,
-                    Err(e) => {
-                        let message =
-                            format!("{} could not take over {}: {e}", plan.target, v.claim);
-                        return fail(ctx, m, s, "PromoteFailed", &message).await;
-                    }
-                }
-            }
-            c.step = CutoverStep::Promoted;
-        }
-        CutoverStep::Promoted => {
-            let e = ends(ctx, plan).await?;
-            for b in &c.volumes {
-                let (from, to) = e.nodes_of(b);
-                rebind(ctx, b, from, to, Some(&e.target_parent)).await?;
-            }
-            if c.original_placement.is_none()
-                && let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node)
-            {
-                c.original_placement = Some(p.original.to_string());
-                s.cutover = Some(c);
-                status::write(ctx, m, &s).await?;
-                w.patch_pod_spec(&p.to_target).await?;
-                return Ok(requeue_now());
-            }
-            c.step = CutoverStep::Rebound;
-        }
-        CutoverStep::Rebound => {
-            // A pod created while its claim is still re-binding is unschedulable and waits
-            // out the scheduler's backoff: start it once every claim is Bound again.
-            if !claims_bound(ctx, m, plan).await? {
-                return Ok(Action::requeue(Duration::from_millis(300)));
-            }
-            w.scale(c.original_replicas).await?;
-            c.scaled_up = Some(status::now());
-            c.step = CutoverStep::ScaledUp;
-        }
-        CutoverStep::ScaledUp => {
-            let target_node = ends(ctx, plan).await?.target_node;
-            let pods = w.pods(&observed.selector).await?;
-            let ready = pods
-                .iter()
-                .filter(|p| {
-                    pod_ready(p)
-                        && p.spec.as_ref().and_then(|s| s.node_name.as_deref())
-                            == Some(&target_node)
-                })
-                .count();
-            if ready < c.original_replicas.max(0) as usize || pods.len() != ready {
-                let limit = m.spec.target_ready_timeout().as_secs();
-                if c.scaled_up
-                    .as_ref()
-                    .is_some_and(|t| elapsed(t).as_secs() > limit)
-                {
-                    let message = format!(
-                        "{} of {} pod(s) of {} {} became Ready on {} within {limit}s; moving the workload back to the source (see `kubectl describe pod` on the target for why)",
-                        ready,
-                        c.original_replicas,
-                        plan.workload.kind,
-                        plan.workload.name,
-                        plan.target
-                    );
-                    return fail(ctx, m, s, "TargetNotReady", &message).await;
-                }
-                return Ok(Action::requeue(Duration::from_millis(500)));
-            }
-            return succeed(ctx, m, s, plan, &c, &w).await;
-        }
-    }
-    info!(migration = %key(m), step = ?c.step, elapsed_ms = elapsed(&c.started).as_millis() as u64, "cutover step done");
-    s.cutover = Some(c);
-    status::write(ctx, m, &s).await?;
-    Ok(requeue_now())
-}
-
-async fn claims_bound(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<bool, Error> {
-    let claims: Api<PersistentVolumeClaim> =
+/// The PV controller re-binds a Lost claim (seen without its PV while the PV was re-created)
+/// only on its periodic resync (15 s by default) or when the claim changes: touch it.
+async fn touch_lost_claims(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<(), Error> {
+    let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default());
-    let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     for v in &plan.volumes {
-        let claim = claims.get(&v.claim).await?;
-        let pv = pvs.get(&v.volume).await?;
-        let claim_phase = claim.status.as_ref().and_then(|s| s.phase.as_deref());
-        let pv_phase = pv.status.as_ref().and_then(|s| s.phase.as_deref());
-        if claim_phase == Some("Lost") {
-            // The claim was seen without its PV while the PV was re-created. The PV
-            // controller re-binds a Lost claim only on its periodic resync (15 s by default)
-            // or when the claim changes; touch it so that happens now.
-            claims
-                .patch(
-                    &v.claim,
-                    &PatchParams::default(),
-                    &Patch::Merge(json!({"metadata": {"annotations": {
-                        "ployz.dev/rebound": k8s_openapi::jiff::Timestamp::now().to_string(),
-                    }}})),
-                )
-                .await?;
-            return Ok(false);
-        }
-        if claim_phase != Some("Bound") || pv_phase != Some("Bound") {
-            return Ok(false);
+        let claim = api.get(&v.claim).await?;
+        if claim.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Lost") {
+            api.patch(
+                &v.claim,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {
+                    "ployz.dev/rebound": k8s_openapi::jiff::Timestamp::now().to_string(),
+                }}})),
+            )
+            .await?;
         }
     }
-    Ok(true)
+    Ok(())
 }
 
 /// The volumes as bound on the source: PV (and ZFSVolume) as JSON.
@@ -675,7 +992,57 @@ async fn rebind(
     Ok(())
 }
 
-/// Asks the target agent (at `endpoint`) to promote or demote its copy of `claim`.
+/// Promotes or demotes the target's copy of `claim`: asks the target's agent, or does it
+/// here when this agent is the target's (it drives the Migration after a takeover).
+async fn role_change(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+    endpoint: &str,
+    claim: &str,
+    action: PeerAction,
+) -> Result<Option<String>, Error> {
+    change_role(ctx, m, plan, endpoint, claim, action)
+        .await
+        .map_err(|e| {
+            let verb = match action {
+                PeerAction::Demote => "demote",
+                _ => "take over",
+            };
+            Error::Peer(
+                Reason::PromoteFailed,
+                format!("{} could not {verb} {claim}: {e}", plan.target),
+            )
+        })
+}
+
+async fn change_role(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+    endpoint: &str,
+    claim: &str,
+    action: PeerAction,
+) -> Result<Option<String>, String> {
+    if plan.target != ctx.machine {
+        return peer(ctx, m, plan, endpoint, claim, action)
+            .await
+            .map_err(|e| e.to_string());
+    }
+    let v = plan
+        .volumes
+        .iter()
+        .find(|v| v.claim == claim)
+        .ok_or_else(|| format!("claim {claim} is not in the plan"))?;
+    let ds: DatasetName = v.target_dataset.parse().map_err(|e| format!("{e}"))?;
+    ctx.server
+        .change_role(&ds, action)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Asks the target agent (at `endpoint`) to promote or demote its copy of `claim`, within
+/// the connect and answer timeouts.
 async fn peer(
     ctx: &Ctx,
     m: &Migration,
@@ -697,9 +1064,9 @@ async fn peer(
         to: String::new(),
         compression: WireCompression::None,
         rate_limit: None,
-        no_progress: Duration::from_secs(60),
+        no_progress: PEER_TIMEOUT,
     };
-    let tcp = tokio::net::TcpStream::connect(endpoint)
+    let tcp = dial(endpoint)
         .await
         .map_err(|source| TransferError::Connect {
             machine: plan.target.clone(),
@@ -708,54 +1075,61 @@ async fn peer(
     ctx.sender.request(tcp, &job, action).await
 }
 
-async fn succeed(
+/// The source's copy after a successful move: a read-only replica (the way back sends only
+/// the delta), or destroyed. Only the planned dataset is destroyed, and only when it is what
+/// the recorded PV mounted and has no child datasets.
+async fn retire_source(
     ctx: &Ctx,
     m: &Migration,
-    mut s: MigrationStatus,
     plan: &MigrationPlan,
-    c: &Cutover,
-    w: &Workload,
-) -> Result<Action, Error> {
-    let downtime_ms = elapsed(&c.started).as_millis() as u64;
-    let delete = m.spec.source_copy == Some(SourceCopy::Delete);
+    s: &MigrationStatus,
+    copy: SourceCopy,
+) -> Result<(), Error> {
+    if plan.source != ctx.machine {
+        return Err(Error::Other(format!(
+            "the agent of {} is unreachable; its copy stays as it was until it is back",
+            plan.source
+        )));
+    }
     for v in &plan.volumes {
         let ds = dataset(&v.source_dataset)?;
-        let result = if delete {
-            ctx.zfs.destroy_dataset(&ds).await
-        } else {
-            // The old copy stays as a read-only replica: the way back sends only the delta.
-            mark_replica(ctx, &ds, &key(m)).await
-        };
-        if let Err(e) = result {
-            warn!(migration = %key(m), dataset = %ds, error = %e, "cannot retire the source copy");
+        match copy {
+            SourceCopy::Replica => mark_replica(ctx, &ds, &key(m)).await?,
+            SourceCopy::Delete => {
+                let inv = ctx.zfs.inventory(&ds, &ctx.info).await?;
+                let children: Vec<String> = inv
+                    .datasets
+                    .keys()
+                    .filter(|d| **d != ds)
+                    .map(ToString::to_string)
+                    .collect();
+                if !children.is_empty() {
+                    return Err(Error::Other(format!(
+                        "{ds} has child datasets ({}); ployz destroys only a volume's own dataset",
+                        children.join(", ")
+                    )));
+                }
+                let recorded = s
+                    .cutover
+                    .iter()
+                    .flat_map(|c| &c.volumes)
+                    .find(|b| b.claim == v.claim);
+                if recorded.is_none() {
+                    return Err(Error::Other(format!(
+                        "no recorded binding of {}; not destroying {ds}",
+                        v.claim
+                    )));
+                }
+                ctx.zfs.destroy_dataset(&ds).await?;
+                if ctx.zfs.inventory(&ds, &ctx.info).await.is_ok() {
+                    return Err(Error::Other(format!(
+                        "{ds} is still there after zfs destroy"
+                    )));
+                }
+            }
         }
     }
-    w.unlock(&m.name_any()).await?;
-    s.downtime_milliseconds = Some(downtime_ms);
-    let sent: u64 = s.pre_copy.as_ref().map_or(0, |p| p.pass_bytes.iter().sum());
-    let message = format!(
-        "{} {} runs on {}; {} sent, downtime {:.1}s; the copy on {} is {}",
-        plan.workload.kind,
-        plan.workload.name,
-        plan.target,
-        super::machine::human_bytes(sent),
-        downtime_ms as f64 / 1000.0,
-        plan.source,
-        if delete {
-            "deleted"
-        } else {
-            "kept as a read-only replica"
-        }
-    );
-    let progress = s.progress.get_or_insert_with(Default::default);
-    progress.bytes_sent = sent;
-    progress.summary = Some(format!("done: {}", super::machine::human_bytes(sent)));
-    let s = transition(ctx, m, s, Phase::Succeeded, "Succeeded", &message).await?;
-    ctx.metrics
-        .downtime_seconds
-        .observe(downtime_ms as f64 / 1000.0);
-    finish_metrics(ctx, &s, "Succeeded");
-    Ok(Action::await_change())
+    Ok(())
 }
 
 async fn mark_replica(ctx: &Ctx, ds: &DatasetName, tag: &str) -> Result<(), ZfsError> {
@@ -781,84 +1155,20 @@ fn finish_metrics(ctx: &Ctx, s: &MigrationStatus, result: &str) {
     }
 }
 
-/// Undoes whatever the cutover did, in reverse, then ends as Failed (or Cancelled). Nothing
-/// on the source is destroyed; the target's copy stays as a read-only replica.
-async fn rollback(
-    ctx: &Ctx,
-    m: &Migration,
-    s: MigrationStatus,
-    plan: &MigrationPlan,
-) -> Result<Action, Error> {
-    ctx.transfers.abort(&uid(m));
-    let w = workload(ctx, m, plan);
-    if let Some(c) = &s.cutover {
-        let e = ends(ctx, plan).await?;
-        for b in &c.volumes {
-            rebind(ctx, b, "", e.nodes_of(b).0, None).await?;
-        }
-        if !claims_bound(ctx, m, plan).await? {
-            return Ok(Action::requeue(Duration::from_millis(300)));
-        }
-        if let Some(original) = &c.original_placement {
-            let patch: serde_json::Value =
-                serde_json::from_str(original).map_err(|e| Error::Other(e.to_string()))?;
-            w.patch_pod_spec(&patch).await?;
-        }
-        if c.step >= CutoverStep::FinalSent {
-            for v in &plan.volumes {
-                let demoted = peer(
-                    ctx,
-                    m,
-                    plan,
-                    &e.target_endpoint,
-                    &v.claim,
-                    PeerAction::Demote,
-                );
-                if let Err(e) = demoted.await {
-                    warn!(migration = %key(m), claim = %v.claim, error = %e, "cannot demote the target's copy; it stays as it is");
-                }
-            }
-        }
-        match w.scale(c.original_replicas).await {
-            // The workload was deleted: nothing left to start.
-            Err(Error::Kube(kube::Error::Api(e))) if e.code == 404 => {}
-            other => other?,
-        }
-    }
-    w.unlock(&m.name_any()).await?;
-    let reason = s.reason.clone().unwrap_or_else(|| "Failed".into());
-    let cancelled = reason == "Cancelled";
-    let cause = s.message.clone().unwrap_or_default();
-    let message = format!(
-        "{}. The workload runs on {}; nothing on it was changed or deleted.",
-        cause.trim_end_matches('.'),
-        plan.source
-    );
-    let phase = if cancelled {
-        Phase::Cancelled
-    } else {
-        Phase::Failed
-    };
-    let s = transition(ctx, m, s, phase, &reason, &message).await?;
-    finish_metrics(ctx, &s, if cancelled { "Cancelled" } else { "Failed" });
-    if m.metadata.deletion_timestamp.is_some() {
-        remove_finalizer(ctx, m).await?;
-    }
-    Ok(Action::await_change())
-}
-
+/// Drops the finalizer, on the condition that the Migration is still the version read (a
+/// JSON patch that tests the list it replaces).
 async fn remove_finalizer(ctx: &Ctx, m: &Migration) -> Result<(), Error> {
     let remaining: Vec<&String> = m.finalizers().iter().filter(|f| *f != FINALIZER).collect();
     if remaining.len() == m.finalizers().len() {
         return Ok(());
     }
     let api = status::api(ctx, m);
+    let patch = json!({"metadata": {
+        "finalizers": remaining,
+        "resourceVersion": m.resource_version(),
+    }});
     match api
-        .patch(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({"metadata": {"finalizers": remaining}})),
-        )
+        .patch(&m.name_any(), &PatchParams::default(), &Patch::Merge(patch))
         .await
     {
         Ok(_) => Ok(()),

@@ -3,10 +3,9 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PostParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, warn};
 
 use super::metrics::PhaseLabel;
@@ -21,16 +20,18 @@ pub fn api(ctx: &Ctx, m: &Migration) -> Api<Migration> {
     Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default())
 }
 
-/// Writes `status` (a merge patch of the whole status).
-pub async fn write(ctx: &Ctx, m: &Migration, status: &MigrationStatus) -> Result<(), Error> {
-    api(ctx, m)
-        .patch_status(
-            &m.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(json!({ "status": status })),
-        )
-        .await?;
-    Ok(())
+/// Replaces the status, on the condition that the Migration is still at the version `m` was
+/// read at: a decision taken from an older version fails with a conflict (409) and is taken
+/// again from a fresh read. Returns the Migration as written.
+pub async fn write(ctx: &Ctx, m: &Migration, status: &MigrationStatus) -> Result<Migration, Error> {
+    let mut obj = m.clone();
+    obj.status = Some(status.clone());
+    obj.metadata.managed_fields = None;
+    let pp = PostParams {
+        field_manager: Some(super::MANAGER.into()),
+        ..PostParams::default()
+    };
+    Ok(api(ctx, m).replace_status(&m.name_any(), &pp, &obj).await?)
 }
 
 /// Sets a condition; its transition time changes only with its status.
@@ -100,6 +101,14 @@ pub async fn transition(
     let changed = enter(&mut s, m, phase, reason, message);
     write(ctx, m, &s).await?;
     if changed {
+        announce(ctx, m, phase, reason, message).await;
+    }
+    Ok(s)
+}
+
+/// Logs, counts and publishes (as an Event) the entry into `phase`.
+pub async fn announce(ctx: &Ctx, m: &Migration, phase: Phase, reason: &str, message: &str) {
+    {
         info!(migration = %key(m), ?phase, reason, "{message}");
         ctx.metrics
             .phases
@@ -114,7 +123,6 @@ pub async fn transition(
         };
         event(ctx, m, type_, reason, &format!("{phase:?}: {message}")).await;
     }
-    Ok(s)
 }
 
 /// Publishes an Event on the Migration; a failure to publish is logged, not fatal.

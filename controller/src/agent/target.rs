@@ -6,19 +6,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use kube::ResourceExt;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
 use serde_json::json;
+use tracing::warn;
 
+use super::source;
 use super::status::{self, transition};
 use super::workload::Workload;
 use super::{Ctx, Error, FINALIZER, SOURCE_LABEL};
-use crate::api::{Migration, Phase, PreCopy};
+use crate::api::{Machine, Migration, Phase, PreCopy};
 use crate::plan::{self, Reason, observe::observe};
 
 pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     let phase = m.status.as_ref().and_then(|s| s.phase);
-    if m.metadata.deletion_timestamp.is_some() || !matches!(phase, None | Some(Phase::Pending)) {
+    if !matches!(phase, None | Some(Phase::Pending)) {
+        return watch_source(m, ctx).await;
+    }
+    if m.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
     let ns = m.namespace().unwrap_or_default();
@@ -69,7 +75,8 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
     if !finalizers.iter().any(|f| f == FINALIZER) {
         finalizers.push(FINALIZER.into());
     }
-    status::api(&ctx, &m)
+    // Status is written on the condition of this new version.
+    let m = status::api(&ctx, &m)
         .patch(
             &name,
             &PatchParams::default(),
@@ -108,4 +115,54 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
     );
     transition(&ctx, &m, s, Phase::Snapshotting, "Planned", &message).await?;
     Ok(Action::await_change())
+}
+
+/// A planned Migration to this machine: drives it once taken over; otherwise checks that the
+/// source's agent still heart-beats, and takes the Migration over when it has not for
+/// `--takeover-seconds`. The takeover is a status write conditional on the version read, so
+/// a source agent that is merely slow and writes meanwhile keeps the Migration.
+async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    let s = m.status.clone().unwrap_or_default();
+    let Some(plan) = s.plan.clone() else {
+        return Ok(Action::await_change());
+    };
+    if plan.target != ctx.machine {
+        return Ok(Action::await_change());
+    }
+    if s.phase.is_some_and(Phase::is_terminal) && super::retention::first_look(&ctx, &m) {
+        super::retention::prune(&ctx, &m, &plan).await;
+    }
+    if s.taken_over_by.as_deref() == Some(&ctx.machine) {
+        return source::drive(m, ctx, s, plan).await;
+    }
+    if s.phase.is_some_and(Phase::is_terminal) {
+        return Ok(Action::await_change());
+    }
+    let deadline = Duration::from_secs(ctx.config.takeover_seconds);
+    let machines: Api<Machine> = Api::all(ctx.client.clone());
+    let heartbeat = machines
+        .get_opt(&plan.source)
+        .await?
+        .and_then(|x| x.status)
+        .and_then(|x| x.heartbeat_time);
+    let silent = heartbeat.as_ref().map_or(deadline, |t| {
+        let d = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
+        Duration::from_millis(d.as_millis().max(0) as u64)
+    });
+    if silent < deadline {
+        // Looked at again when the deadline could pass (or on any change).
+        return Ok(Action::requeue(deadline - silent + Duration::from_secs(1)));
+    }
+    let mut next = s;
+    next.taken_over_by = Some(ctx.machine.clone());
+    status::write(&ctx, &m, &next).await?;
+    let message = format!(
+        "the agent of {} has not heart-beaten for {}s; {} takes the migration over",
+        plan.source,
+        silent.as_secs(),
+        ctx.machine
+    );
+    warn!(migration = %status::key(&m), "{message}");
+    status::event(&ctx, &m, EventType::Warning, "TakenOver", &message).await;
+    Ok(Action::requeue(Duration::from_millis(50)))
 }

@@ -24,6 +24,18 @@ pub struct Pass {
     /// Volumes waiting for a transfer slot.
     pub waiting: Arc<std::sync::atomic::AtomicUsize>,
     handle: JoinHandle<PassResult>,
+    /// Set once the task has finished and its result was taken.
+    result: Option<PassResult>,
+}
+
+/// Where a pass stands; `F` is the caller's view of a failure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PassStatus<F> {
+    Idle,
+    Running,
+    /// Finished; total stream bytes.
+    Done(u64),
+    Failed(F),
 }
 
 pub struct Transfers {
@@ -96,30 +108,40 @@ impl Transfers {
         })
     }
 
-    /// The result of `key`'s pass for `snapshot` if it finished (and forgets it), or whether it
-    /// is still running.
-    pub fn poll(&self, key: &str, snapshot: &str) -> Option<Option<PassResult>> {
+    /// Where `key`'s pass for `snapshot` stands. A finished pass keeps its result until
+    /// [`Transfers::forget`] (status recorded it), so a failed status write loses nothing.
+    /// A pass for another snapshot is stale (the Migration moved on) and is stopped.
+    pub fn peek<F>(
+        &self,
+        key: &str,
+        snapshot: &str,
+        failed: impl FnOnce(&TransferError) -> F,
+    ) -> PassStatus<F> {
         let mut passes = self.lock();
-        let p = passes.get(key)?;
+        let Some(p) = passes.get_mut(key) else {
+            return PassStatus::Idle;
+        };
         if p.snapshot != snapshot {
-            // A stale pass (the Migration moved on): stop it.
             if let Some(old) = passes.remove(key) {
                 old.handle.abort();
             }
-            return None;
+            return PassStatus::Idle;
         }
-        if !p.handle.is_finished() {
-            return Some(None);
+        if p.result.is_none() && p.handle.is_finished() {
+            let joined = futures::FutureExt::now_or_never(&mut p.handle);
+            p.result = joined.map(|j| {
+                j.unwrap_or_else(|e| {
+                    Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
+                        std::io::Error::other(format!("transfer task ended: {e}")),
+                    )))
+                })
+            });
         }
-        let p = passes.remove(key)?;
-        let result = futures::FutureExt::now_or_never(p.handle).map(|joined| {
-            joined.unwrap_or_else(|e| {
-                Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
-                    std::io::Error::other(format!("transfer task ended: {e}")),
-                )))
-            })
-        });
-        Some(result)
+        match &p.result {
+            None => PassStatus::Running,
+            Some(Ok(bytes)) => PassStatus::Done(bytes.iter().sum()),
+            Some(Err(e)) => PassStatus::Failed(failed(e)),
+        }
     }
 
     /// Starts a pass sending `volumes` volumes with `send`, one slot per volume.
@@ -158,10 +180,22 @@ impl Transfers {
                 progress,
                 waiting,
                 handle,
+                result: None,
             },
         );
         if let Some(old) = old {
             old.handle.abort();
+        }
+    }
+
+    /// Drops `key`'s finished pass for `snapshot` once status has recorded its result.
+    pub fn forget(&self, key: &str, snapshot: &str) {
+        let mut passes = self.lock();
+        if passes
+            .get(key)
+            .is_some_and(|p| p.snapshot == snapshot && p.result.is_some())
+        {
+            passes.remove(key);
         }
     }
 
@@ -224,8 +258,18 @@ mod tests {
             tokio::task::yield_now().await;
             gate.notify_waiters();
             for key in ["m1", "m2"] {
-                if let Some(Some(r)) = t.poll(key, "s1") {
-                    results.push(r.map_err(|e| e.to_string()));
+                if results.iter().any(|(k, _)| *k == key) {
+                    continue;
+                }
+                match t.peek(key, "s1", ToString::to_string) {
+                    PassStatus::Running => {}
+                    PassStatus::Idle => panic!("pass {key} lost"),
+                    done => {
+                        // Kept until forgotten: looking again gives the same result.
+                        assert_eq!(t.peek(key, "s1", ToString::to_string), done);
+                        t.forget(key, "s1");
+                        results.push((key, done));
+                    }
                 }
             }
         }
@@ -234,10 +278,14 @@ mod tests {
             1,
             "one slot, one transfer at a time"
         );
-        assert!(results.contains(&Ok(vec![10, 10])) && results.contains(&Ok(vec![10])));
+        assert!(
+            results.contains(&("m1", PassStatus::Done(20)))
+                && results.contains(&("m2", PassStatus::Done(10)))
+        );
+        assert_eq!(t.peek("m1", "s1", ToString::to_string), PassStatus::Idle);
         // A pass for another snapshot replaces (and stops) a stale one.
         t.start("m3", "old", 1, send(now, peak, gate));
-        assert!(t.poll("m3", "new").is_none());
+        assert_eq!(t.peek("m3", "new", ToString::to_string), PassStatus::Idle);
         assert!(t.view("m3", "old").is_none());
     }
 }

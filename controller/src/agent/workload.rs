@@ -179,6 +179,18 @@ pub async fn replace_pv(client: &Client, new: &PersistentVolume) -> Result<(), E
     let name = new.name_any();
     if let Some(old) = api.get_opt(&name).await? {
         let uid = old.uid().unwrap_or_default();
+        // A provisioner that honours `Delete` on the PV's deletion (external-provisioner's
+        // finalizer) would destroy the volume: keep it, whatever the PV's policy was.
+        if crate::plan::rebind::reclaim_policy(&old) != crate::plan::rebind::RETAIN {
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {
+                    "persistentVolumeReclaimPolicy": crate::plan::rebind::RETAIN,
+                }})),
+            )
+            .await?;
+        }
         // Delete first, then lift the finalizers: once the deletion is marked, the
         // pv-protection controller can no longer put its finalizer back.
         match api.delete(&name, &DeleteParams::default()).await {

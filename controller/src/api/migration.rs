@@ -247,6 +247,36 @@ pub struct MigrationStatus {
     /// Consecutive failed transfer attempts; reset by a successful pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_failures: Option<u32>,
+
+    /// Earliest time of the next transfer attempt after a failed one (the retry backoff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_at: Option<Time>,
+
+    /// Rollback bookkeeping: the last rollback step completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollback: Option<RollbackStep>,
+
+    /// The machine whose agent took the Migration over when the source's agent stopped
+    /// heart-beating; unset while the source's agent drives it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_over_by: Option<String>,
+}
+
+/// Steps of a rollback, in order; each is the last one completed.
+#[derive(
+    JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord,
+)]
+pub enum RollbackStep {
+    /// Transfers stopped.
+    Started,
+    /// No pod of the workload runs anywhere (during a cutover).
+    Stopped,
+    /// Every volume is bound to the source again and the pinning restored.
+    Rebound,
+    /// The target's copy is a read-only replica again.
+    Demoted,
+    /// The workload is scaled back to its replicas on the source.
+    Restarted,
 }
 
 /// Pre-copy passes: each snapshots every volume and sends it while the workload runs.
@@ -277,6 +307,8 @@ pub enum CutoverStep {
     Promoted,
     /// Every volume is bound to the target.
     Rebound,
+    /// The pod template's node pinning points at the target (or it has none).
+    Pinned,
     /// The workload is scaled back up (placement on the target).
     ScaledUp,
 }

@@ -10,9 +10,11 @@
 mod machine;
 #[allow(clippy::duplicated_attributes)]
 mod migration;
+mod reason;
 
 pub use machine::*;
 pub use migration::*;
+pub use reason::Reason;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;

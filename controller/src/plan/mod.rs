@@ -43,45 +43,7 @@ pub struct Observed {
     pub now: Option<Timestamp>,
 }
 
-/// Why a migration cannot go ahead: a CamelCase reason for `status.reason` and Events.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Reason {
-    WorkloadNotFound,
-    AmbiguousWorkload,
-    NoZfsVolumes,
-    NotZfsVolume,
-    VolumeNotFound,
-    VolumesOnSeveralMachines,
-    UnknownMachine,
-    SameMachine,
-    SourceMismatch,
-    TargetDraining,
-    MachineNotReady,
-    IncompatibleZfs,
-    DuplicateMigration,
-    InvalidDataset,
-}
-
-impl Reason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::WorkloadNotFound => "WorkloadNotFound",
-            Reason::AmbiguousWorkload => "AmbiguousWorkload",
-            Reason::NoZfsVolumes => "NoZfsVolumes",
-            Reason::NotZfsVolume => "NotZfsVolume",
-            Reason::VolumeNotFound => "VolumeNotFound",
-            Reason::VolumesOnSeveralMachines => "VolumesOnSeveralMachines",
-            Reason::UnknownMachine => "UnknownMachine",
-            Reason::SameMachine => "SameMachine",
-            Reason::SourceMismatch => "SourceMismatch",
-            Reason::TargetDraining => "TargetDraining",
-            Reason::MachineNotReady => "MachineNotReady",
-            Reason::IncompatibleZfs => "IncompatibleZfs",
-            Reason::DuplicateMigration => "DuplicateMigration",
-            Reason::InvalidDataset => "InvalidDataset",
-        }
-    }
-}
+pub use crate::api::Reason;
 
 /// A planning failure: what is wrong and what to do about it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -312,13 +274,19 @@ pub fn another_pass(pass_bytes: &[u64], threshold: u64, max_passes: u32) -> bool
 /// Snapshot name of a pre-copy pass or of the final delta; unique per migration (by UID), so
 /// a re-created Migration of the same name never reuses an old snapshot.
 pub fn snapshot_name(uid: &str, pass: Option<u32>) -> String {
+    let prefix = snapshot_prefix(uid);
+    match pass {
+        Some(n) => format!("{prefix}{n}"),
+        None => format!("{prefix}final"),
+    }
+}
+
+/// What every snapshot of the migration with `uid` starts with: `ployz-<8 of the uid>-`.
+pub fn snapshot_prefix(uid: &str) -> String {
     let short: String = uid
         .chars()
         .filter(char::is_ascii_alphanumeric)
         .take(8)
         .collect();
-    match pass {
-        Some(n) => format!("ployz-{short}-{n}"),
-        None => format!("ployz-{short}-final"),
-    }
+    format!("{}{short}-", crate::zfs::retention::PREFIX)
 }

@@ -8,7 +8,10 @@ use serde_json::{Value, json};
 
 /// The PV `original` re-pointed from node `from` to node `to`: every required node-affinity
 /// `In` value naming `from` names `to` instead, and a local PV's path becomes `path`.
-/// Server-set metadata is dropped so the result can be created.
+/// Server-set metadata is dropped so the result can be created. Its reclaim policy is
+/// `Retain` until the claim is bound again ([`reclaim_policy`] of the original is restored
+/// then): a provisioner that honours the policy on deletion must never see this PV go
+/// with `Delete`.
 pub fn move_pv(
     original: &PersistentVolume,
     from: &str,
@@ -40,6 +43,7 @@ pub fn move_pv(
     if let Some(claim) = spec.claim_ref.as_mut() {
         claim.resource_version = None;
     }
+    spec.persistent_volume_reclaim_policy = Some(RETAIN.into());
     PersistentVolume {
         metadata: ObjectMeta {
             name: original.metadata.name.clone(),
@@ -50,6 +54,17 @@ pub fn move_pv(
         spec: Some(spec),
         status: None,
     }
+}
+
+/// The reclaim policy that keeps the backing dataset whatever happens to the PV object.
+pub const RETAIN: &str = "Retain";
+
+/// A PV's reclaim policy (`Retain` when unset, as the API server defaults a static PV).
+pub fn reclaim_policy(pv: &PersistentVolume) -> &str {
+    pv.spec
+        .as_ref()
+        .and_then(|s| s.persistent_volume_reclaim_policy.as_deref())
+        .unwrap_or(RETAIN)
 }
 
 /// True when the PV's node affinity names `node`.

@@ -20,7 +20,9 @@ use super::protocol::{
 use super::pump::{PumpError, PumpOptions, recv_chunks};
 use super::tls::{self, TlsError};
 use crate::api::ZfsInfo;
-use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError};
+use crate::zfs::{
+    DatasetName, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError,
+};
 
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
 const SETTLE: Duration = Duration::from_secs(5);
@@ -255,6 +257,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         let reply = match &outcome {
             Ok(bytes) => {
                 self.after_receive(&dataset, &state, &hello).await;
+                self.mark_peer(&dataset, &to, &peer).await;
                 info!(%peer, %dataset, snapshot = %to, bytes, "received");
                 Outcome::Received { bytes: *bytes }
             }
@@ -403,8 +406,9 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
 
     /// Promote: the copy becomes the live volume (writable, no longer a ployz replica,
     /// mounted); returns its mountpoint. Demote: back to a read-only ployz replica. Both are
-    /// idempotent.
-    async fn change_role(
+    /// idempotent. Also called directly by this machine's agent when it drives a Migration
+    /// whose source is gone.
+    pub async fn change_role(
         &self,
         dataset: &DatasetName,
         action: Action,
@@ -413,6 +417,12 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         if action == Action::Demote {
             self.zfs.set(name, PROP_REPLICA, "true").await?;
             self.zfs.set(name, "readonly", "on").await?;
+            // zfs-fuse applies readonly only at mount time; the workload is stopped by now.
+            let _ = self.zfs.unmount(dataset).await;
+            match self.zfs.mount(dataset).await {
+                Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => {}
+                other => other?,
+            }
             return Ok(None);
         }
         self.zfs.set(name, "readonly", "off").await?;
@@ -440,6 +450,18 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     }
 
     /// Marks a newly received dataset as ployz's read-only replica.
+    /// Records on the received snapshot that `peer` holds it too (retention keeps the newest
+    /// snapshot common with each machine). Best effort: a missing mark only costs space.
+    async fn mark_peer(&self, dataset: &DatasetName, to: &str, peer: &str) {
+        let Ok(snap) = dataset.snapshot(to) else {
+            return;
+        };
+        let value = crate::zfs::retention::with_peer(None, peer);
+        if let Err(e) = self.zfs.set(&snap.to_string(), PROP_PEERS, &value).await {
+            warn!(%snap, error = %e, "cannot record the snapshot's peer");
+        }
+    }
+
     async fn after_receive(&self, dataset: &DatasetName, state: &TargetState, hello: &Hello) {
         if state.exists && !state.ployz_replica {
             return;

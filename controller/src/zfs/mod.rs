@@ -11,6 +11,7 @@ mod cli;
 mod error;
 pub mod name;
 pub mod parse;
+pub mod retention;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -25,6 +26,9 @@ use crate::api::ZfsInfo;
 pub const PROP_MIGRATION: &str = "ployz:migration";
 /// User property: `true` on a read-only replica dataset that ployz owns.
 pub const PROP_REPLICA: &str = "ployz:replica";
+/// User property on a snapshot: the other machines known to hold it (comma-separated),
+/// written when it is sent or received; retention keeps the newest one per machine.
+pub const PROP_PEERS: &str = "ployz:peers";
 /// Hold tag that protects the base snapshot of an incremental while it is needed.
 pub const HOLD_TAG: &str = "ployz";
 

@@ -22,7 +22,11 @@ pub const BASE_PROPS: &[&str] = &[
 /// Properties only OpenZFS knows.
 pub const MODERN_PROPS: &[&str] = &["receive_resume_token", "encryption"];
 /// ployz's own user properties.
-pub const PLOYZ_PROPS: &[&str] = &[super::PROP_MIGRATION, super::PROP_REPLICA];
+pub const PLOYZ_PROPS: &[&str] = &[
+    super::PROP_MIGRATION,
+    super::PROP_REPLICA,
+    super::PROP_PEERS,
+];
 
 fn parse_err(command: &str, detail: impl Into<String>) -> ZfsError {
     ZfsError::Parse {
