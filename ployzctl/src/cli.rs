@@ -80,6 +80,24 @@ pub enum MigrateCommand {
         #[arg(value_name = "NAMESPACE/NAME")]
         migration: ServiceRef,
     },
+    /// End a Migration in flight with the workload on the source, for when no automatic
+    /// choice is safe (docs/runbook.md): a rollback stops waiting for pods on the target.
+    /// Run it only once the target machine is off or its pods are gone.
+    Abandon(ResolveArgs),
+    /// Finish a Migration on the target however long it takes: once the target holds the
+    /// final delta, the cutover no longer rolls back on a timeout or an unreachable target.
+    Complete(ResolveArgs),
+}
+
+/// A Migration the operator decides about.
+#[derive(Debug, Args)]
+pub struct ResolveArgs {
+    /// The Migration, as NAMESPACE/NAME.
+    #[arg(value_name = "NAMESPACE/NAME")]
+    pub migration: ServiceRef,
+    /// Record the decision and return without following the Migration to its end.
+    #[arg(long)]
+    pub no_wait: bool,
 }
 
 /// What to migrate, where, and how.

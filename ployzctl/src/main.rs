@@ -49,6 +49,24 @@ fn run(cli: &Cli) -> Result<String, CliError> {
             let api = kube::Api::namespaced(client, &migration.namespace);
             rt.block_on(migrate::follow(api, &migration.service, format))
         }
+        Command::Migrate(MigrateCommand::Abandon(args)) => {
+            let (rt, client) = cluster()?;
+            rt.block_on(migrate::resolve(
+                client,
+                args,
+                migrate::Decision::Abandon,
+                format,
+            ))
+        }
+        Command::Migrate(MigrateCommand::Complete(args)) => {
+            let (rt, client) = cluster()?;
+            rt.block_on(migrate::resolve(
+                client,
+                args,
+                migrate::Decision::Complete,
+                format,
+            ))
+        }
         Command::Machine(MachineCommand::Ls) => {
             let (rt, client) = cluster()?;
             rt.block_on(machine::ls(client, format))

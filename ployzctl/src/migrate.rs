@@ -8,17 +8,18 @@ use futures::TryStreamExt;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
-use ployz::api::{Migration, Phase};
+use ployz::agent::RESOLVE_ANNOTATION;
+use ployz::api::{CutoverStep, Migration, Phase};
 use ployz::manifest::{self, Format, MigrationRequest};
 use ployz::plan::{self, observe::observe};
 use serde_json::json;
 
 use crate::cluster::explain;
 
-use crate::cli::MigrationArgs;
+use crate::cli::{MigrationArgs, ResolveArgs};
 use crate::error::CliError;
 
 impl MigrationArgs {
@@ -162,8 +163,19 @@ pub async fn apply(
     follow(api, &name, format).await
 }
 
-/// Prints phase changes and progress as they happen; ends with the Migration's outcome.
+/// Prints phase changes and progress as they happen; ends with the Migration's outcome
+/// (success when the workload runs on the target).
 pub async fn follow(api: Api<Migration>, name: &str, format: Format) -> Result<String, CliError> {
+    follow_until(api, name, format, |s| s.phase == Some(Phase::Succeeded)).await
+}
+
+/// [`follow`], with the outcome that counts as success.
+async fn follow_until(
+    api: Api<Migration>,
+    name: &str,
+    format: Format,
+    success: impl Fn(&ployz::api::MigrationStatus) -> bool,
+) -> Result<String, CliError> {
     let human = format != Format::Json;
     let stream = watcher(
         api.clone(),
@@ -234,7 +246,7 @@ pub async fn follow(api: Api<Migration>, name: &str, format: Format) -> Result<S
         } else {
             format!("{}\n", serde_json::to_string_pretty(&m)?)
         };
-        return if phase == Phase::Succeeded {
+        return if success(&s) {
             Ok(out)
         } else {
             Err(CliError::Failed(anyhow::anyhow!(
@@ -247,4 +259,108 @@ pub async fn follow(api: Api<Migration>, name: &str, format: Format) -> Result<S
     Err(CliError::Failed(anyhow::anyhow!(
         "Migration {name} disappeared before it ended"
     )))
+}
+
+/// What the operator decides about a Migration in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Abandon,
+    Complete,
+}
+
+impl Decision {
+    fn value(self) -> &'static str {
+        match self {
+            Decision::Abandon => "abandon",
+            Decision::Complete => "complete",
+        }
+    }
+}
+
+/// `migrate abandon|complete`: checks that the decision applies to the Migration as it is,
+/// records it (the `ployz.dev/resolve` annotation, under a resourceVersion precondition), and
+/// follows the Migration to its end.
+pub async fn resolve(
+    client: Client,
+    args: &ResolveArgs,
+    decision: Decision,
+    format: Format,
+) -> Result<String, CliError> {
+    let (ns, name) = (&args.migration.namespace, &args.migration.service);
+    let api: Api<Migration> = Api::namespaced(client, ns);
+    let m = api.get_opt(name).await.map_err(explain)?.ok_or_else(|| {
+        CliError::Failed(anyhow::anyhow!(
+            "there is no Migration {ns}/{name}; list them with `kubectl -n {ns} get migrations`"
+        ))
+    })?;
+    let s = m.status.clone().unwrap_or_default();
+    let phase = s.phase.unwrap_or(Phase::Pending);
+    let step = s.cutover.as_ref().map(|c| c.step);
+    if phase.is_terminal() {
+        return Err(CliError::Failed(anyhow::anyhow!(
+            "Migration {ns}/{name} already ended {phase:?} ({}); there is nothing to decide",
+            s.reason.unwrap_or_default()
+        )));
+    }
+    if phase == Phase::Pending {
+        return Err(CliError::Failed(anyhow::anyhow!(
+            "Migration {ns}/{name} has not started; delete it instead (`kubectl -n {ns} delete migration {name}`)"
+        )));
+    }
+    let mut note = String::new();
+    match decision {
+        Decision::Complete
+            if phase != Phase::CuttingOver || step.is_none_or(|x| x < CutoverStep::FinalSent) =>
+        {
+            return Err(CliError::Failed(anyhow::anyhow!(
+                "Migration {ns}/{name} is {phase:?} (cutover step {step:?}): the target does not hold the final delta, so there is nothing complete to finish with; wait, or `ployzctl migrate abandon {ns}/{name}`"
+            )));
+        }
+        Decision::Abandon if step.is_some_and(|x| x >= CutoverStep::Pinned) => {
+            note = "the workload may have started on the target: what it wrote there stays in the target's copy (a read-only replica afterwards) and is not carried back. ".into();
+        }
+        _ => {}
+    }
+    let patch = json!({"metadata": {
+        "resourceVersion": m.resource_version(),
+        "annotations": {RESOLVE_ANNOTATION: decision.value()},
+    }});
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {
+            return Err(CliError::Failed(anyhow::anyhow!(
+                "Migration {ns}/{name} changed while deciding; run the command again to decide on its current state"
+            )));
+        }
+        Err(e) => return Err(explain(e).into()),
+    }
+    if args.no_wait {
+        return Ok(if format == Format::Json {
+            format!(
+                "{}\n",
+                json!({"migration": format!("{ns}/{name}"), "decision": decision.value()})
+            )
+        } else {
+            format!(
+                "migration.ployz.dev/{name}: {} recorded. {note}Follow it with `ployzctl migrate watch {ns}/{name}`\n",
+                decision.value()
+            )
+        });
+    }
+    if !note.is_empty() && format != Format::Json {
+        let _ = writeln!(std::io::stderr(), "note: {note}");
+    }
+    match decision {
+        // Abandoning succeeds when the Migration ends with the workload on the source.
+        Decision::Abandon => {
+            follow_until(api, name, format, |s| {
+                s.reason.as_deref() == Some(ployz::api::Reason::Abandoned.as_str())
+            })
+            .await
+        }
+        Decision::Complete => follow(api, name, format).await,
+    }
 }
