@@ -16,7 +16,8 @@ test: deps lint unit e2e openzfs
 # The README's first command: two machines, an agent on each, a stateful app moved from
 # machine-a to machine-b and back. Tears everything down at the end and on Ctrl-C.
 demo: deps bins images
-	$(CARGO) build -q --locked -p ployz -p ployzctl --bins
+	# The agent as the harness runs it: the fault tests' crash points compiled in, inert.
+	$(CARGO) build -q --locked -p ployz -p ployzctl --bins --features ployz/failpoints
 	$(ENV_DIRS) $(CARGO) run -q --locked -p ployz-e2e --bin ployz-demo
 
 # System packages (zfs-fuse, containerd, runc, CNI plugins, iproute2, ...) a fresh machine lacks.
@@ -46,7 +47,7 @@ unit:
 # End-to-end suites on a real control plane, real nodes (kubelet, containerd, runc), real
 # zfs-fuse machines and network namespaces.
 e2e: deps bins images
-	$(CARGO) build -q --locked -p ployz --bin ployz-controller
+	$(CARGO) build -q --locked -p ployz --bin ployz-controller --features failpoints
 	$(ENV_DIRS) $(CARGO) test -p ployz-e2e --locked \
 		--test smoke --test transfer --test migrate --test hygiene
 

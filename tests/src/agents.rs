@@ -258,20 +258,28 @@ impl AgentCa {
 
 /// A binary of the workspace, built (a no-op when fresh) by the cargo that runs the tests.
 pub fn workspace_binary(root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
+    build_binary(root, package, bin, &[])
+}
+
+fn build_binary(root: &Path, package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    crate::process::run(
-        std::process::Command::new(cargo)
-            .current_dir(root)
-            .args(["build", "-q", "-p", package, "--bin", bin]),
-    )?;
+    let mut build = std::process::Command::new(cargo);
+    build
+        .current_dir(root)
+        .args(["build", "-q", "-p", package, "--bin", bin]);
+    if !features.is_empty() {
+        build.args(["--features", &features.join(",")]);
+    }
+    crate::process::run(&mut build)?;
     let target =
         std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
     Ok(target.join("debug").join(bin))
 }
 
-/// The agent binary, `ployz-controller`.
+/// The agent binary, `ployz-controller`, with the crash points of the fault tests compiled
+/// in (inert unless FAILPOINTS names one).
 pub fn agent_binary(root: &Path) -> Result<PathBuf> {
-    workspace_binary(root, "ployz", "ployz-controller")
+    build_binary(root, "ployz", "ployz-controller", &["failpoints"])
 }
 
 /// Transfer port of every agent.
@@ -290,9 +298,21 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent of `machine` and waits until its Machine is Ready.
     pub fn start(env: &Env, ca: &AgentCa, machine: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with(env, ca, machine, extra, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (FAILPOINTS of a fault test).
+    pub fn start_with(
+        env: &Env,
+        ca: &AgentCa,
+        machine: &str,
+        extra: &[&str],
+        vars: &[(&str, &str)],
+    ) -> Result<Self> {
         let tls = ca.write_identity(machine, &env.state.join("agent-tls"))?;
         let bin = agent_binary(&env.root)?;
         let mut cmd = Self::command(env, machine, &tls, (AGENT_PORT, AGENT_HTTP_PORT))?;
+        cmd.envs(vars.iter().copied());
         cmd.args(["--heartbeat-seconds", "2"]).args(extra).env(
             "PLOYZ_LOG",
             std::env::var("PLOYZ_AGENT_LOG").unwrap_or_else(|_| "ployz=debug,info".into()),

@@ -28,6 +28,8 @@ pub struct ControlPlane {
     pub server: String,
     pub pki: Pki,
     procs: Vec<Proc>,
+    /// How the API server was started, to start it again ([`ControlPlane::restart_apiserver`]).
+    apiserver: (String, Vec<String>, PathBuf),
 }
 
 fn free_port(ip: IpAddr) -> Result<u16> {
@@ -75,33 +77,31 @@ impl ControlPlane {
 
         let port = free_port(IpAddr::V4(HOST_IP))?;
         let server = format!("https://{HOST_IP}:{port}");
+        let apiserver_args = vec![
+            format!("--etcd-servers={etcd_url}"),
+            format!("--cert-dir={}", s(&dir.join("apiserver"))),
+            format!("--tls-cert-file={}", s(&pki.serving_cert)),
+            format!("--tls-private-key-file={}", s(&pki.serving_key)),
+            format!("--client-ca-file={}", s(&pki.ca_cert)),
+            format!("--secure-port={port}"),
+            format!("--bind-address={HOST_IP}"),
+            format!("--advertise-address={HOST_IP}"),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            "--allow-privileged=true".into(),
+            "--authorization-mode=Node,RBAC".into(),
+            "--enable-admission-plugins=NodeRestriction".into(),
+            format!("--kubelet-client-certificate={}", s(&kubelet_client_cert)),
+            format!("--kubelet-client-key={}", s(&kubelet_client_key)),
+            // Kubelets are reached on their machine's address, not by a DNS name.
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            "--service-account-issuer=https://kubernetes.default.svc".into(),
+            format!("--service-account-key-file={}", s(&pki.sa_pub)),
+            format!("--service-account-signing-key-file={}", s(&pki.sa_key)),
+            "--v=1".into(),
+        ];
         procs.push(Proc::spawn(
             "kube-apiserver",
-            command(
-                &bin("kube-apiserver"),
-                [
-                    format!("--etcd-servers={etcd_url}"),
-                    format!("--cert-dir={}", s(&dir.join("apiserver"))),
-                    format!("--tls-cert-file={}", s(&pki.serving_cert)),
-                    format!("--tls-private-key-file={}", s(&pki.serving_key)),
-                    format!("--client-ca-file={}", s(&pki.ca_cert)),
-                    format!("--secure-port={port}"),
-                    format!("--bind-address={HOST_IP}"),
-                    format!("--advertise-address={HOST_IP}"),
-                    format!("--service-cluster-ip-range={SERVICE_CIDR}"),
-                    "--allow-privileged=true".into(),
-                    "--authorization-mode=Node,RBAC".into(),
-                    "--enable-admission-plugins=NodeRestriction".into(),
-                    format!("--kubelet-client-certificate={}", s(&kubelet_client_cert)),
-                    format!("--kubelet-client-key={}", s(&kubelet_client_key)),
-                    // Kubelets are reached on their machine's address, not by a DNS name.
-                    "--kubelet-preferred-address-types=InternalIP".into(),
-                    "--service-account-issuer=https://kubernetes.default.svc".into(),
-                    format!("--service-account-key-file={}", s(&pki.sa_pub)),
-                    format!("--service-account-signing-key-file={}", s(&pki.sa_key)),
-                    "--v=1".into(),
-                ],
-            ),
+            command(&bin("kube-apiserver"), apiserver_args.clone()),
             &bin("kube-apiserver"),
             logs,
         )?);
@@ -177,19 +177,10 @@ impl ControlPlane {
             server,
             pki,
             procs,
+            apiserver: (bin("kube-apiserver"), apiserver_args, logs.to_path_buf()),
         };
+        cp.wait_ready().await?;
         let client = cp.client().await?;
-        let readyz = http::Request::get("/readyz").body(vec![])?;
-        until("kube-apiserver /readyz", Duration::from_secs(60), || {
-            let client = client.clone();
-            let req = readyz.clone();
-            let procs_ok = cp.check_running();
-            async move {
-                procs_ok?;
-                Ok(client.request_text(req).await.ok().filter(|t| t == "ok"))
-            }
-        })
-        .await?;
         let sas: Api<ServiceAccount> = Api::namespaced(client.clone(), "default");
         until(
             "kube-controller-manager to create the default service account",
@@ -210,6 +201,41 @@ impl ControlPlane {
             started.elapsed().as_secs_f64()
         );
         Ok(cp)
+    }
+
+    /// Kills the API server (SIGKILL: no graceful goodbye to its watchers) and starts it
+    /// again on the same port and etcd; returns once it is ready.
+    pub async fn restart_apiserver(&mut self) -> Result<()> {
+        let i = self
+            .procs
+            .iter()
+            .position(|p| p.name == "kube-apiserver")
+            .context("no kube-apiserver")?;
+        self.procs.remove(i).kill();
+        let (bin, args, logs) = &self.apiserver;
+        self.procs.push(Proc::spawn(
+            "kube-apiserver",
+            command(bin, args.clone()),
+            bin,
+            logs,
+        )?);
+        self.wait_ready().await
+    }
+
+    async fn wait_ready(&mut self) -> Result<()> {
+        let client = self.client().await?;
+        let readyz = http::Request::get("/readyz").body(vec![])?;
+        until("kube-apiserver /readyz", Duration::from_secs(60), || {
+            let client = client.clone();
+            let req = readyz.clone();
+            let procs_ok = self.check_running();
+            async move {
+                procs_ok?;
+                Ok(client.request_text(req).await.ok().filter(|t| t == "ok"))
+            }
+        })
+        .await
+        .map(drop)
     }
 
     /// Fails with the process log when a component has exited.

@@ -289,6 +289,15 @@ impl Env {
         Ok(())
     }
 
+    /// Kills the API server and starts it again (see [`ControlPlane::restart_apiserver`]).
+    pub fn restart_apiserver(&mut self) -> Result<()> {
+        let cp = self
+            .control_plane
+            .as_mut()
+            .context("control plane stopped")?;
+        self.rt.block_on(cp.restart_apiserver())
+    }
+
     /// Fails with the component's log when part of the control plane has died.
     pub fn check_control_plane(&mut self) -> Result<()> {
         match self.control_plane.as_mut() {

@@ -185,10 +185,40 @@ pub async fn create_deployment(
     name: &str,
     claim: &str,
 ) -> Result<()> {
+    create_deployment_with(client, namespace, name, claim, &AppOptions::default()).await
+}
+
+/// Variations of the test app's Deployment for fault tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AppOptions<'a> {
+    /// The app runs (and writes) on this node but never turns Ready there.
+    pub never_ready_on: Option<&'a str>,
+    /// Pin the pods to this node with a nodeSelector on the hostname label.
+    pub pinned_to: Option<&'a str>,
+}
+
+/// [`create_deployment`] with [`AppOptions`].
+pub async fn create_deployment_with(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    claim: &str,
+    opts: &AppOptions<'_>,
+) -> Result<()> {
     let api: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let mut container = ledger_container("app", "/data");
     container["volumeMounts"] = json!([{"name": "data", "mountPath": "/data"}]);
-    let d: Deployment = serde_json::from_value(json!({
+    if let Some(node) = opts.never_ready_on {
+        container["readinessProbe"] = json!({
+            "exec": {"command": ["sh", "-c", format!(
+                "test \"$NODE_NAME\" != {node} && wget -q -O /dev/null http://127.0.0.1:{}/",
+                ledger::PORT
+            )]},
+            "periodSeconds": 1,
+            "failureThreshold": 1,
+        });
+    }
+    let mut d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
             "replicas": 1,
@@ -206,6 +236,13 @@ pub async fn create_deployment(
             },
         },
     }))?;
+    if let (Some(node), Some(spec)) = (
+        opts.pinned_to,
+        d.spec.as_mut().and_then(|s| s.template.spec.as_mut()),
+    ) {
+        spec.node_selector =
+            Some([("kubernetes.io/hostname".to_string(), node.to_string())].into());
+    }
     api.create(&PostParams::default(), &d).await?;
     Ok(())
 }
@@ -412,11 +449,16 @@ pub async fn create_zfs_localpv_volume(
         .await?;
     let pvs: Api<PersistentVolume> = Api::all(client.clone());
     let pv_obj: PersistentVolume = serde_json::from_value(json!({
-        "metadata": {"name": pv},
+        "metadata": {
+            "name": pv,
+            "annotations": {"pv.kubernetes.io/provisioned-by": "zfs.csi.openebs.io"},
+            "finalizers": [PROVISIONER_FINALIZER],
+        },
         "spec": {
             "capacity": {"storage": "1Gi"},
             "accessModes": ["ReadWriteOnce"],
-            "persistentVolumeReclaimPolicy": "Retain",
+            // As zfs-localpv's provisioner creates them: its volume goes with the PV.
+            "persistentVolumeReclaimPolicy": "Delete",
             "storageClassName": "openebs-zfspv",
             "csi": {"driver": "zfs.csi.openebs.io", "volumeHandle": pv, "fsType": "zfs"},
             "claimRef": {"kind": "PersistentVolumeClaim", "namespace": namespace, "name": claim},
@@ -444,4 +486,62 @@ pub async fn create_zfs_localpv_volume(
         dataset,
         path,
     })
+}
+
+/// The finalizer external-provisioner puts on the PVs it provisioned, to delete their volume
+/// when the PV is deleted with reclaim policy `Delete` (HonorPVReclaimPolicy).
+pub const PROVISIONER_FINALIZER: &str = "external-provisioner.volume.kubernetes.io/finalizer";
+
+/// Stands in for a CSI external-provisioner that honours the reclaim policy on deletion:
+/// records every PV it would have destroyed the volume of (deleted while its policy was
+/// `Delete`).
+#[derive(Debug)]
+pub struct ReclaimWatch {
+    destroyed: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReclaimWatch {
+    pub fn start(rt: &tokio::runtime::Runtime, client: &Client) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::watcher::{self, Event};
+        let api: Api<PersistentVolume> = Api::all(client.clone());
+        let destroyed = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&destroyed);
+        let task = rt.spawn(async move {
+            let mut events = watcher::watcher(api, watcher::Config::default()).boxed();
+            while let Some(event) = events.next().await {
+                let Ok(Event::Apply(pv) | Event::InitApply(pv) | Event::Delete(pv)) = event else {
+                    continue;
+                };
+                let deleting = pv.metadata.deletion_timestamp.is_some();
+                let policy = pv
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.persistent_volume_reclaim_policy.as_deref());
+                if deleting && policy == Some("Delete") {
+                    let name = pv.metadata.name.unwrap_or_default();
+                    let mut d = seen.lock().unwrap_or_else(|p| p.into_inner());
+                    if !d.contains(&name) {
+                        d.push(name);
+                    }
+                }
+            }
+        });
+        Self { destroyed, task }
+    }
+
+    /// PVs whose volume the provisioner would have destroyed so far.
+    pub fn destroyed(&self) -> Vec<String> {
+        self.destroyed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+impl Drop for ReclaimWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

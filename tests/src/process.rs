@@ -70,6 +70,13 @@ impl Proc {
         Ok(())
     }
 
+    /// Kills the process at once (SIGKILL, no grace), reaps it, then forgets it.
+    pub fn kill(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        reaper::release(&self.resource);
+    }
+
     /// Stops the process (SIGTERM, then SIGKILL) and reaps it.
     pub fn stop(&mut self) {
         reaper::release(&self.resource);

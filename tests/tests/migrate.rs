@@ -66,6 +66,38 @@ fn main() -> ExitCode {
                 "target_agent_killed_mid_send_is_retried_and_completes",
                 target_agent_killed,
             ),
+            (
+                "rollback_after_scale_up_stops_the_target_s_pods_first",
+                rollback_stops_target_first,
+            ),
+            (
+                "crash_between_recorded_pinning_and_patch_still_pins_the_target",
+                crash_before_pin,
+            ),
+            (
+                "target_gone_during_cutover_rolls_back_within_seconds",
+                target_gone_in_cutover,
+            ),
+            (
+                "source_agent_gone_mid_send_target_takes_over_and_rolls_back",
+                source_gone_mid_send,
+            ),
+            (
+                "source_agent_gone_after_promotion_target_takes_over_and_completes",
+                source_gone_after_promotion,
+            ),
+            (
+                "ployzctl_abandon_and_complete_decide_for_the_operator",
+                abandon_and_complete,
+            ),
+            (
+                "api_server_restart_mid_send_the_move_completes",
+                apiserver_restart_mid_send,
+            ),
+            (
+                "source_copy_delete_destroys_only_the_volume_and_says_when_it_cannot",
+                source_copy_delete,
+            ),
         ],
     )
 }
@@ -96,28 +128,45 @@ fn agents(env: &Env) -> Result<&'static Agents> {
 }
 
 fn start_agent(env: &Env, ca: &AgentCa, machine: &str) -> Result<Agent> {
-    Agent::start(
-        env,
-        ca,
-        machine,
-        &[
-            "--openebs-namespace",
-            OPENEBS,
-            "--precopy-threshold",
-            "1048576",
-        ],
-    )
+    Agent::start(env, ca, machine, &AGENT_ARGS)
 }
+
+/// Every agent of the suite: heartbeats every 2 s (the harness), takeover after 20 s (well
+/// above the few seconds a killed agent takes to start again in the restart tests).
+const AGENT_ARGS: [&str; 6] = [
+    "--openebs-namespace",
+    OPENEBS,
+    "--precopy-threshold",
+    "1048576",
+    "--takeover-seconds",
+    "20",
+];
 
 /// A namespace with a Deployment `web` of the ledger app on a local ZFS volume on machine-a,
 /// Ready there, with `mib` MiB of files in it, and a watch on what the app acknowledges.
 fn deployment_on_a(env: &Env, ns: &str, mib: u32) -> Result<(LocalVolume, AckWatch)> {
+    deployment_on_a_with(env, ns, mib, &k8s::AppOptions::default())
+}
+
+/// [`deployment_on_a`] with a variation of the app for a fault test.
+fn deployment_on_a_with(
+    env: &Env,
+    ns: &str,
+    mib: u32,
+    opts: &k8s::AppOptions<'_>,
+) -> Result<(LocalVolume, AckWatch)> {
     agents(env)?;
     let a = env.machine(A)?;
     env.block_on(k8s::create_namespace(&env.client, ns))?;
     let vol = env.block_on(k8s::create_local_volume(&env.client, a, ns, "data"))?;
     write_files(a, &vol.path, "before", mib)?;
-    env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
+    env.block_on(k8s::create_deployment_with(
+        &env.client,
+        ns,
+        "web",
+        "data",
+        opts,
+    ))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     let app = watch_app(env, ns, "app=web", A)?;
     Ok((vol, app))
@@ -199,6 +248,7 @@ struct Request<'a> {
     from: Option<&'a str>,
     bandwidth: Option<&'a str>,
     target_ready_seconds: Option<u32>,
+    source_copy: Option<ployz::api::SourceCopy>,
 }
 
 impl<'a> Request<'a> {
@@ -211,6 +261,7 @@ impl<'a> Request<'a> {
             from: None,
             bandwidth: None,
             target_ready_seconds: None,
+            source_copy: None,
         }
     }
 }
@@ -224,6 +275,7 @@ fn migrate(env: &Env, r: &Request) -> Result<()> {
     req.name = Some(r.name.into());
     req.from = r.from.map(str::parse::<MachineName>).transpose()?;
     req.bandwidth_limit = r.bandwidth.map(|b| Quantity(b.into()));
+    req.source_copy = r.source_copy;
     let mut m = req.to_migration()?;
     if let Some(secs) = r.target_ready_seconds {
         m.spec.timeouts = Some(ployz::api::Timeouts {
@@ -340,6 +392,15 @@ fn prop(m: &ZfsMachine, dataset: &str, prop: &str) -> Result<String> {
         .to_string())
 }
 
+/// Waits until no Migration locks the workload (released right after the phase is written).
+fn wait_unlocked(env: &Env, ns: &str) -> Result<()> {
+    wait_for(
+        "the workload's lock to be released",
+        Duration::from_secs(30),
+        || Ok(lock_holder(env, ns)?.is_none()),
+    )
+}
+
 fn lock_holder(env: &Env, ns: &str) -> Result<Option<String>> {
     let api: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
     let d = env.block_on(api.get("web"))?;
@@ -387,10 +448,7 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
         a.sh(&format!("touch '{}/x'", vol.path)).is_err(),
         "the source copy is still writable"
     );
-    ensure!(
-        lock_holder(env, ns)?.is_none(),
-        "the workload is still locked"
-    );
+    wait_unlocked(env, ns)?;
 
     // The app writes on b; moving back sends only that.
     write_files(b, &on_b, "on-b", 1)?;
@@ -408,6 +466,30 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
         "checksums differ after moving back"
     );
     eprintln!("    moved there: {there} bytes; back: {delta} bytes");
+
+    // Retention: on each machine the dataset keeps one ployz snapshot, the last common one
+    // (the way back's final), and no hold; the first move's and the passes' are pruned.
+    let last = ployz::plan::snapshot_name(&back.metadata.uid.clone().unwrap_or_default(), None);
+    for m in [a, b] {
+        wait_for(
+            &format!("{}'s ployz snapshots pruned to {last}", m.name),
+            Duration::from_secs(30),
+            || {
+                let list = m.zfs(&[
+                    "list",
+                    "-H",
+                    "-r",
+                    "-t",
+                    "snapshot",
+                    "-o",
+                    "name,userrefs",
+                    &vol.dataset,
+                ])?;
+                let ours: Vec<&str> = list.lines().filter(|l| l.contains("@ployz-")).collect();
+                Ok(ours == [format!("{}@{last}\t0", vol.dataset).as_str()])
+            },
+        )?;
+    }
 
     // Reported: an Event per phase change, and the agents' metrics.
     let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
@@ -560,9 +642,17 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
     env.block_on(k8s::create_deployment(&env.client, ns, "web", "data"))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     let app = watch_app(env, ns, "app=web", A)?;
+    // The PV is provisioner-managed with reclaim policy Delete: re-creating it must never
+    // look like a deletion to the provisioner.
+    let provisioner = k8s::ReclaimWatch::start(&env.rt, &env.client);
     migrate(env, &Request::new(ns, "web-to-b", B))?;
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
     assert_succeeded(&m)?;
+    ensure!(
+        provisioner.destroyed().is_empty(),
+        "PV(s) {:?} were deleted with reclaim policy Delete: a CSI provisioner would have destroyed their volume",
+        provisioner.destroyed()
+    );
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", B, 1))?;
     app_moved(&app, &m, (a, &vol.path), (b, &mountpoint(b, &vol.dataset)?))?;
     let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
@@ -570,6 +660,11 @@ fn zfs_localpv_moves(env: &mut Env) -> Result<()> {
     ensure!(
         pv_on_node(&pv, &b.zfs_node_id()),
         "PV {} is not pinned to machine-b's zfs-localpv node ID",
+        vol.pv
+    );
+    ensure!(
+        ployz::plan::rebind::reclaim_policy(&pv) == "Delete",
+        "PV {} did not get its reclaim policy back",
         vol.pv
     );
     let zvs: Api<ployz::openebs::ZFSVolume> = Api::namespaced(env.client.clone(), OPENEBS);
@@ -600,11 +695,12 @@ fn assert_failed_untouched(env: &Env, ns: &str, name: &str, reason: &str) -> Res
     ensure!(message.len() > 20, "message too thin: {message:?}");
     eprintln!("    {reason}: {message}");
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
-    ensure!(
-        lock_holder(env, ns)? != Some(name.to_string()),
-        "the failed migration still locks the workload"
-    );
-    Ok(())
+    // The lock is released right after the phase is written.
+    wait_for(
+        "the failed migration to release the workload",
+        Duration::from_secs(30),
+        || Ok(lock_holder(env, ns)? != Some(name.to_string())),
+    )
 }
 
 fn refusals(env: &mut Env) -> Result<()> {
@@ -924,4 +1020,436 @@ fn not_ready_rolls_back(env: &mut Env) -> Result<()> {
     })();
     taint(env, B, false)?;
     outcome
+}
+
+/// Replaces `machine`'s agent by one started with `vars` (FAILPOINTS), or a plain one.
+fn restart_agent(env: &Env, machine: &str, vars: &[(&str, &str)]) -> Result<()> {
+    let ag = agents(env)?;
+    let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(i) = running.iter().position(|x| x.machine == machine) {
+        running.remove(i).kill();
+    }
+    running.push(Agent::start_with(env, &ag.ca, machine, &AGENT_ARGS, vars)?);
+    Ok(())
+}
+
+/// Stops `machine`'s agent for good (until [`restart_agent`]).
+fn stop_agent(env: &Env, machine: &str) -> Result<()> {
+    let ag = agents(env)?;
+    let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+    let i = running
+        .iter()
+        .position(|x| x.machine == machine)
+        .with_context(|| format!("no agent on {machine}"))?;
+    running.remove(i).kill();
+    Ok(())
+}
+
+/// Waits until `machine`'s agent process has exited by itself (a crash point).
+fn wait_agent_exit(env: &Env, machine: &str) -> Result<()> {
+    let ag = agents(env)?;
+    wait_for(
+        &format!("the agent on {machine} to crash"),
+        Duration::from_secs(120),
+        || {
+            let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+            let agent = running
+                .iter_mut()
+                .find(|x| x.machine == machine)
+                .context("no agent")?;
+            Ok(agent.check_running().is_err())
+        },
+    )
+}
+
+/// A Deployment whose pods run and write on machine-b but never turn Ready there: the
+/// rollback stops them (scale to 0, wait until gone) before it rebinds the volume to the
+/// source and starts the workload there, so two copies never run at once. What the pod
+/// wrote on machine-b stays in machine-b's copy, now a read-only replica.
+fn rollback_stops_target_first(env: &mut Env) -> Result<()> {
+    let ns = "mig-stop-first";
+    let opts = k8s::AppOptions {
+        never_ready_on: Some(B),
+        ..Default::default()
+    };
+    let (vol, app) = deployment_on_a_with(env, ns, 4, &opts)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    migrate(
+        env,
+        &Request {
+            target_ready_seconds: Some(30),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    // The fault: the app runs and writes on machine-b, never Ready there.
+    app.wait_acked_on(B)?;
+    assert_failed_untouched(env, ns, "web-to-b", "TargetNotReady")?;
+    let s = get(env, ns, "web-to-b")?.status.unwrap_or_default();
+    ensure!(
+        s.cutover
+            .as_ref()
+            .is_some_and(|c| c.step == ployz::api::CutoverStep::ScaledUp),
+        "the workload was never started on the target"
+    );
+    ensure!(
+        s.rollback == Some(ployz::api::RollbackStep::Restarted),
+        "rollback ended at {:?}",
+        s.rollback
+    );
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+    // The pod on machine-b ran and wrote; the pod that started on machine-a again wrote its
+    // first record only after machine-b's pod had written its last.
+    let on_b = mountpoint(b, &vol.dataset)?;
+    let there = Ledger::read(b, &on_b)?;
+    let on_target: Vec<_> = there
+        .records
+        .iter()
+        .filter(|r| ledger::node_of(&r.writer) == Some(B))
+        .collect();
+    let (Some(first_b), Some(last_b)) = (on_target.first(), on_target.last()) else {
+        bail!("the app never ran on machine-b; the fault was not injected");
+    };
+    app_intact_on_a(&app, a, &vol.path)?;
+    let here = Ledger::read(a, &vol.path)?;
+    let overlap: Vec<_> = here
+        .records
+        .iter()
+        .filter(|r| r.time_ns > first_b.time_ns && r.time_ns <= last_b.time_ns)
+        .collect();
+    ensure!(
+        overlap.is_empty(),
+        "{} record(s) written on machine-a while the pod on machine-b still ran, e.g. {:?}",
+        overlap.len(),
+        overlap.first()
+    );
+    eprintln!(
+        "    the pod on machine-b wrote {} record(s), stopped; machine-a resumed after it",
+        on_target.len()
+    );
+    ensure!(prop(b, &vol.dataset, "ployz:replica")? == "true");
+    ensure!(
+        b.sh(&format!("touch '{on_b}/x'")).is_err(),
+        "machine-b's copy is still writable"
+    );
+    Ok(())
+}
+
+/// Like [`app_intact`], for a test where pods on machine-b also acknowledged writes: only
+/// machine-a's acknowledgements must be in machine-a's ledger.
+fn app_intact_on_a(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
+    let before = app.acks();
+    wait_for(
+        "the app to acknowledge new writes on machine-a",
+        Duration::from_secs(60),
+        || {
+            let now = app.acks();
+            Ok(now.by_writer.iter().any(|(w, &seq)| {
+                ledger::node_of(w) == Some(A) && before.by_writer.get(w).is_none_or(|&b| seq > b)
+            }))
+        },
+    )?;
+    let mut on_a = app.acks();
+    on_a.by_writer.retain(|w, _| ledger::node_of(w) == Some(A));
+    Ledger::read(a, path)?.check_acks(&on_a)
+}
+
+/// The source's agent crashes after it recorded the pod template's original pinning and
+/// before it pointed the template at the target. Restarted, it applies the pinning it
+/// recorded and completes the move (before the fix it never re-applied it: a rollback).
+fn crash_before_pin(env: &mut Env) -> Result<()> {
+    let ns = "mig-crash-pin";
+    let opts = k8s::AppOptions {
+        pinned_to: Some(A),
+        ..Default::default()
+    };
+    let (vol, app) = deployment_on_a_with(env, ns, 4, &opts)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    restart_agent(env, A, &[("FAILPOINTS", "before-pin-to-target=return")])?;
+    let outcome = (|| {
+        migrate(env, &Request::new(ns, "web-to-b", B))?;
+        wait_agent_exit(env, A)?;
+        let s = get(env, ns, "web-to-b")?.status.unwrap_or_default();
+        let c = s.cutover.context("crashed before the cutover")?;
+        ensure!(
+            c.step == ployz::api::CutoverStep::Rebound && c.original_placement.is_some(),
+            "crashed at {:?} (pinning recorded: {})",
+            c.step,
+            c.original_placement.is_some()
+        );
+        ensure!(
+            selector_node(env, ns)? == A,
+            "the template was pinned before the crash"
+        );
+        restart_agent(env, A, &[])?;
+        let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+        assert_succeeded(&m)?;
+        ensure!(
+            selector_node(env, ns)? == B,
+            "the template is not pinned to machine-b"
+        );
+        assert_on(env, ns, &vol.pv, "app=web", B)?;
+        let on_b = mountpoint(b, &vol.dataset)?;
+        app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
+        Ok(())
+    })();
+    if outcome.is_err() {
+        restart_agent(env, A, &[])?;
+    }
+    outcome
+}
+
+fn selector_node(env: &Env, ns: &str) -> Result<String> {
+    let api: Api<Deployment> = Api::namespaced(env.client.clone(), ns);
+    let d = env.block_on(api.get("web"))?;
+    d.spec
+        .and_then(|s| s.template.spec)
+        .and_then(|s| s.node_selector)
+        .and_then(|s| s.get("kubernetes.io/hostname").cloned())
+        .context("no hostname nodeSelector")
+}
+
+/// The target's agent disappears while the workload is down for the final delta: the source
+/// notices within seconds, not when `cutoverSeconds` (600 s) runs out, and the workload runs
+/// on the source again with nothing lost.
+fn target_gone_in_cutover(env: &mut Env) -> Result<()> {
+    let ns = "mig-target-gone";
+    let (vol, app) = deployment_on_a(env, ns, 4)?;
+    let a = env.machine(A)?;
+    // The source pauses once, with the workload stopped, right before the final pass.
+    restart_agent(env, A, &[("FAILPOINTS", "before-final-pass=1*sleep(5000)")])?;
+    let outcome = (|| {
+        migrate(env, &Request::new(ns, "web-to-b", B))?;
+        wait_migration(
+            env,
+            ns,
+            "web-to-b",
+            "stopped for the final delta",
+            DONE,
+            |m| {
+                m.status
+                    .as_ref()
+                    .and_then(|s| s.cutover.as_ref())
+                    .is_some_and(|c| c.step == ployz::api::CutoverStep::ScaledDown)
+            },
+        )?;
+        stop_agent(env, B)?;
+        assert_failed_untouched(env, ns, "web-to-b", "TargetUnreachable")?;
+        let s = get(env, ns, "web-to-b")?.status.unwrap_or_default();
+        let at = |p: Phase| {
+            s.phase_transitions
+                .iter()
+                .find(|t| t.phase == p)
+                .map(|t| t.time.0)
+                .context("phase missing")
+        };
+        let noticed = at(Phase::RollingBack)?.duration_since(at(Phase::CuttingOver)?);
+        eprintln!("    noticed after {:.1}s of cutover", noticed.as_secs_f64());
+        ensure!(
+            noticed.as_secs() < 30,
+            "the unreachable target was noticed only after {noticed:?}"
+        );
+        assert_on(env, ns, &vol.pv, "app=web", A)?;
+        app_intact(&app, a, &vol.path)
+    })();
+    restart_agent(env, B, &[])?;
+    restart_agent(env, A, &[])?;
+    outcome
+}
+
+/// The source's agent dies mid-send, for good: after `--takeover-seconds` without its
+/// heartbeat, the target's agent takes the Migration over. The target has no complete copy,
+/// so the workload stays where its data is: Failed, SourceUnreachable, the workload untouched
+/// on machine-a, lock and finalizer released by the target's agent.
+fn source_gone_mid_send(env: &mut Env) -> Result<()> {
+    let ns = "mig-source-gone";
+    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    let a = env.machine(A)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("4Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_sent(env, ns, "web-to-b", 8 << 20)?;
+    stop_agent(env, A)?;
+    let outcome = (|| {
+        assert_failed_untouched(env, ns, "web-to-b", "SourceUnreachable")?;
+        let s = get(env, ns, "web-to-b")?.status.unwrap_or_default();
+        ensure!(
+            s.taken_over_by.as_deref() == Some(B),
+            "taken over by {:?}",
+            s.taken_over_by
+        );
+        assert_on(env, ns, &vol.pv, "app=web", A)?;
+        app_intact(&app, a, &vol.path)?;
+        // The operator never edits an object: deleting the finished Migration just works.
+        let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+        env.block_on(api.delete("web-to-b", &DeleteParams::default()))?;
+        env.block_on(until("Migration web-to-b gone", DONE, || {
+            let api = api.clone();
+            async move { Ok(api.get_opt("web-to-b").await?.is_none().then_some(())) }
+        }))
+    })();
+    restart_agent(env, A, &[])?;
+    outcome
+}
+
+/// The source's agent dies for good right after the target promoted its copy (a crash
+/// point): the target's agent takes over and completes the move on the target, where the
+/// newest complete copy is; the source's copy stays as it was, and the message says so.
+fn source_gone_after_promotion(env: &mut Env) -> Result<()> {
+    let ns = "mig-source-gone-late";
+    let (vol, app) = deployment_on_a(env, ns, 4)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    restart_agent(env, A, &[("FAILPOINTS", "before-rebind-to-target=return")])?;
+    let outcome = (|| {
+        migrate(env, &Request::new(ns, "web-to-b", B))?;
+        wait_agent_exit(env, A)?;
+        let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+        assert_succeeded(&m)?;
+        let s = m.status.clone().unwrap_or_default();
+        ensure!(
+            s.taken_over_by.as_deref() == Some(B),
+            "taken over by {:?}",
+            s.taken_over_by
+        );
+        let message = s.message.unwrap_or_default();
+        ensure!(message.contains("unreachable"), "{message}");
+        eprintln!("    {message}");
+        assert_on(env, ns, &vol.pv, "app=web", B)?;
+        let on_b = mountpoint(b, &vol.dataset)?;
+        app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
+        // Back, machine-a's agent retires its copy as the move would have.
+        restart_agent(env, A, &[])?;
+        wait_for(
+            "machine-a's copy to become a read-only replica",
+            Duration::from_secs(30),
+            || Ok(prop(a, &vol.dataset, "ployz:replica")? == "true"),
+        )?;
+        ensure!(
+            a.sh(&format!("touch '{}/x'", vol.path)).is_err(),
+            "machine-a's copy is still writable"
+        );
+        Ok(())
+    })();
+    if outcome.is_err() {
+        restart_agent(env, A, &[])?;
+    }
+    outcome
+}
+
+/// `ployzctl migrate complete` refuses while the target has nothing complete; `ployzctl
+/// migrate abandon` ends a Migration mid-send with the workload on the source (exit 0), and
+/// refuses a Migration that already ended.
+fn abandon_and_complete(env: &mut Env) -> Result<()> {
+    let ns = "mig-abandon";
+    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    let a = env.machine(A)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("4Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_sent(env, ns, "web-to-b", 4 << 20)?;
+    let target = format!("{ns}/web-to-b");
+    let complete = ployzctl(env, &["migrate", "complete", &target])?;
+    let err = String::from_utf8_lossy(&complete.stderr);
+    ensure!(
+        complete.status.code() == Some(1) && err.contains("final delta") && err.contains("abandon"),
+        "complete mid-send: {:?} {err}",
+        complete.status
+    );
+    let abandon = ployzctl(env, &["migrate", "abandon", &target])?;
+    ensure!(
+        abandon.status.success(),
+        "abandon: {:?} {}",
+        abandon.status,
+        String::from_utf8_lossy(&abandon.stderr)
+    );
+    assert_failed_untouched(env, ns, "web-to-b", "Abandoned")?;
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+    app_intact(&app, a, &vol.path)?;
+    let again = ployzctl(env, &["migrate", "abandon", &target, "--json"])?;
+    let err = String::from_utf8_lossy(&again.stderr);
+    ensure!(
+        again.status.code() == Some(1) && err.contains("already ended"),
+        "abandon after the end: {:?} {err}",
+        again.status
+    );
+    Ok(())
+}
+
+/// The API server is killed and started again while a volume is a quarter across: the
+/// agents' watches reconnect, their reconciles read the Migration live (never a stale cache),
+/// and the move completes without a rollback and without losing a write.
+fn apiserver_restart_mid_send(env: &mut Env) -> Result<()> {
+    let ns = "mig-apiserver";
+    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("4Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_sent(env, ns, "web-to-b", 8 << 20)?;
+    env.restart_apiserver()?;
+    eprintln!("    kube-apiserver restarted mid-send");
+    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    let s = m.status.clone().unwrap_or_default();
+    ensure!(
+        !s.phase_transitions
+            .iter()
+            .any(|t| t.phase == Phase::RollingBack),
+        "the restart caused a rollback: {:?}",
+        s.phase_transitions
+    );
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    let on_b = mountpoint(b, &vol.dataset)?;
+    app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
+    Ok(())
+}
+
+/// `sourceCopy: Delete` destroys the source's dataset (checked gone) once the workload runs
+/// on the target. A dataset with a child dataset is not destroyed: the move still succeeds,
+/// and the message says what is left to do.
+fn source_copy_delete(env: &mut Env) -> Result<()> {
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    for (ns, child) in [("mig-delete", false), ("mig-delete-child", true)] {
+        let (vol, app) = deployment_on_a(env, ns, 4)?;
+        if child {
+            a.zfs(&["create", &format!("{}/not-ployz", vol.dataset)])?;
+        }
+        migrate(
+            env,
+            &Request {
+                source_copy: Some(ployz::api::SourceCopy::Delete),
+                ..Request::new(ns, "web-to-b", B)
+            },
+        )?;
+        let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+        assert_succeeded(&m)?;
+        assert_on(env, ns, &vol.pv, "app=web", B)?;
+        app.wait_acked_on(B)?;
+        Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&app.acks())?;
+        let message = m.status.and_then(|s| s.message).unwrap_or_default();
+        eprintln!("    {message}");
+        let left = a.zfs(&["list", "-H", "-o", "name", &vol.dataset]).is_ok();
+        if child {
+            ensure!(left, "a dataset with a child dataset was destroyed");
+            ensure!(
+                message.contains("could not be deleted") && message.contains("child"),
+                "{message}"
+            );
+        } else {
+            ensure!(!left, "the source dataset is still there");
+            ensure!(message.contains("is deleted"), "{message}");
+        }
+    }
+    Ok(())
 }
