@@ -133,6 +133,8 @@ pub struct Ctx {
     pub metrics: Arc<metrics::Metrics>,
     pub transfers: transfers::Transfers,
     pub backoff: Backoff,
+    /// Per Migration (UID): when its progress was last written.
+    pub progress_written: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Migrations (UID) whose datasets on this machine were pruned in this run.
     pub pruned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per Migration (UID): since when its target has refused connections.
@@ -357,6 +359,7 @@ pub async fn run(config: Config) -> Result<()> {
         backoff: Backoff::default(),
         unreachable: Default::default(),
         pruned: Default::default(),
+        progress_written: Default::default(),
         metrics: Arc::clone(&metrics),
         config,
     });

@@ -177,6 +177,12 @@ async fn observe(
             Some("complete") => Some(flow::Resolve::Complete),
             _ => None,
         },
+        since_progress: ctx
+            .progress_written
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&uid(m))
+            .map(Instant::elapsed),
         retry_in: s.retry_at.as_ref().map(|t| {
             let left = t.0.duration_since(k8s_openapi::jiff::Timestamp::now());
             Duration::from_millis(left.as_millis().max(0) as u64)
@@ -388,6 +394,10 @@ async fn perform(
         Effect::ReportProgress => {
             if let Some(snapshot) = pass_snapshot(next, &Stage::of(next)) {
                 report_progress(ctx, m, plan, next, &snapshot);
+                ctx.progress_written
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(uid(m), Instant::now());
             }
         }
         Effect::Scale(n) => w.scale(*n).await?,
@@ -661,6 +671,10 @@ async fn record(
         }
         if phase.is_terminal() || phase == Phase::RollingBack {
             ctx.unreachable
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&uid(m));
+            ctx.progress_written
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .remove(&uid(m));

@@ -13,7 +13,8 @@
 //! | Snapshotting           |                                        | snapshot pass N  | Sending                   |
 //! | Sending                | no pass, retry not due                 | -                | wait                      |
 //! | Sending                | no pass                                | start pass N     | wait                      |
-//! | Sending                | pass running                           | report progress  | wait                      |
+//! | Sending                | pass running, progress older than 2 s  | report progress  | wait                      |
+//! | Sending                | pass running                           | -                | wait                      |
 //! | Sending                | pass done, delta large and shrinking   | -                | Snapshotting pass N+1     |
 //! | Sending                | pass done                              | -                | CuttingOver               |
 //! | Sending, ScaledDown    | pass failed, retryable, under the cap  | -                | retry after backoff       |
@@ -189,6 +190,8 @@ pub struct Facts {
     pub since_scale_up: Option<Duration>,
     /// Time left before a failed transfer may be retried.
     pub retry_in: Option<Duration>,
+    /// Since this agent last wrote the pass's progress (`None`: not in this run).
+    pub since_progress: Option<Duration>,
     pub resolve: Option<Resolve>,
 }
 
@@ -395,7 +398,7 @@ fn sending(s: &MigrationStatus, f: &Facts, l: &Limits) -> Decision {
             Some(left) if !left.is_zero() => wait(left),
             _ => d(Effect::StartPass, Then::Wait(Some(PROGRESS_EVERY))),
         },
-        PassFacts::Running => d(Effect::ReportProgress, Then::Wait(Some(PROGRESS_EVERY))),
+        PassFacts::Running => report_progress(f, PROGRESS_EVERY),
         PassFacts::Failed(e) => pass_failed(s, e),
         PassFacts::Done(bytes) => {
             let mut passes = s
@@ -412,6 +415,15 @@ fn sending(s: &MigrationStatus, f: &Facts, l: &Limits) -> Decision {
             };
             d(Effect::Nothing, then)
         }
+    }
+}
+
+/// Progress goes to status at most every [`PROGRESS_EVERY`]: each write is a change that
+/// triggers the next reconcile at once, which must not write again.
+fn report_progress(f: &Facts, poll: Duration) -> Decision {
+    match f.since_progress {
+        Some(t) if t < PROGRESS_EVERY => wait((PROGRESS_EVERY - t).min(poll)),
+        _ => d(Effect::ReportProgress, Then::Wait(Some(poll))),
     }
 }
 
@@ -486,7 +498,7 @@ fn cutting_over(
                 Some(left) if !left.is_zero() => wait(left),
                 _ => d(Effect::StartFinalPass, Then::Wait(Some(POLL))),
             },
-            PassFacts::Running => d(Effect::ReportProgress, Then::Wait(Some(POLL))),
+            PassFacts::Running => report_progress(f, POLL),
             PassFacts::Done(bytes) => d(Effect::Nothing, Then::FinalSent { bytes: *bytes }),
             PassFacts::Failed(e) => pass_failed(s, e),
         },

@@ -177,6 +177,28 @@ fn an_idle_pass_is_started_and_a_running_one_reports_progress() {
 }
 
 #[test]
+fn progress_is_written_at_most_every_two_seconds() {
+    // The write itself triggers the next reconcile at once: it must not write again.
+    let s = status(Phase::Sending);
+    let just_written = Facts {
+        pass: PassFacts::Running,
+        since_progress: Some(Duration::from_millis(500)),
+        ..facts()
+    };
+    assert_eq!(
+        decide_(&s, &just_written),
+        wait(Duration::from_millis(1500))
+    );
+    let due = Facts {
+        since_progress: Some(PROGRESS_EVERY),
+        ..just_written.clone()
+    };
+    assert_eq!(decide_(&s, &due).effect, Effect::ReportProgress);
+    let final_pass = cutover(CutoverStep::ScaledDown);
+    assert_eq!(decide_(&final_pass, &just_written), wait(POLL));
+}
+
+#[test]
 fn a_retry_waits_for_its_backoff_not_for_the_next_event() {
     let s = status(Phase::Sending);
     let early = Facts {
