@@ -20,14 +20,16 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{Instrument as _, info, warn};
 
-use crate::api::{Migration, ZfsInfo};
+use crate::api::{Migration, Phase, ZfsInfo};
 use crate::transfer::authz::KubeAuthorizer;
 use crate::transfer::client::Sender;
 use crate::transfer::server::{Server, ServerConfig};
@@ -248,7 +250,38 @@ where
     F: Fn(Arc<Migration>, Arc<Ctx>) -> Fut + Copy + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
 {
-    Controller::new(api, watch)
+    let controller = Controller::new(api, watch);
+    let client = ctx.client.clone();
+    let store = controller.store();
+    // What a cutover or a rollback waits for, as events rather than only polls: pods of this
+    // node (the source's pods going, the target's turning Ready when it drives) and claims
+    // (bound again). Each maps to the Migrations of its namespace in those phases.
+    let waiting = move |ns: Option<String>| {
+        store
+            .state()
+            .into_iter()
+            .filter(|m| {
+                m.namespace() == ns
+                    && matches!(
+                        m.status.as_ref().and_then(|s| s.phase),
+                        Some(Phase::CuttingOver | Phase::RollingBack)
+                    )
+            })
+            .map(|m| ObjectRef::from_obj(&*m))
+            .collect::<Vec<_>>()
+    };
+    let on_pod = waiting.clone();
+    controller
+        .watches(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.node_name)),
+            move |pod: Pod| on_pod(pod.namespace()),
+        )
+        .watches(
+            Api::<PersistentVolumeClaim>::all(client),
+            watcher::Config::default(),
+            move |claim: PersistentVolumeClaim| waiting(claim.namespace()),
+        )
         .shutdown_on_signal()
         .run(
             move |cached, ctx| {

@@ -68,8 +68,11 @@ pub const MAX_TRANSFER_FAILURES: u32 = 7;
 pub const PEER_DEADLINE: Duration = Duration::from_secs(5);
 /// How often progress is looked at while a pass runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// How often a cutover step looks again at what it waits for.
+/// How often a cutover step looks again at a pass in memory (the final delta: downtime).
 pub const POLL: Duration = Duration::from_millis(300);
+/// How often a step looks again at pods and claims: a fallback, since their changes also
+/// trigger a reconcile (the agent watches its node's pods and the claims).
+pub const WATCHED: Duration = Duration::from_secs(1);
 
 /// Where a migration is, as its status records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -490,8 +493,8 @@ fn cutting_over(
         .as_ref()
         .is_some_and(|c| c.original_placement.is_some());
     match step {
-        CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(POLL))),
-        CutoverStep::Started if w.pods > 0 => wait(POLL),
+        CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(WATCHED))),
+        CutoverStep::Started if w.pods > 0 => wait(WATCHED),
         CutoverStep::Started => d(Effect::Nothing, Then::Step(CutoverStep::ScaledDown)),
         CutoverStep::ScaledDown => match &f.pass {
             PassFacts::Idle => match f.retry_in {
@@ -521,8 +524,8 @@ fn cutting_over(
                 Effect::RestoreReclaimPolicy,
                 Then::Wait(Some(Duration::ZERO)),
             ),
-            Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(POLL))),
-            Claims::Pending => wait(POLL),
+            Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(WATCHED))),
+            Claims::Pending => wait(WATCHED),
             Claims::Bound => d(Effect::Scale(replicas), Then::Step(CutoverStep::ScaledUp)),
         },
         CutoverStep::ScaledUp => {
@@ -567,8 +570,8 @@ fn rolling_back(s: &MigrationStatus, step: Option<RollbackStep>, f: &Facts) -> D
             if c.step >= CutoverStep::Pinned && f.resolve != Some(Resolve::Abandon) =>
         {
             match f.workload {
-                Some(w) if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(POLL))),
-                Some(w) if w.pods > 0 => wait(POLL),
+                Some(w) if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(WATCHED))),
+                Some(w) if w.pods > 0 => wait(WATCHED),
                 _ => d(Effect::Nothing, Then::RollbackStep(RollbackStep::Stopped)),
             }
         }
@@ -592,8 +595,8 @@ fn rolling_back(s: &MigrationStatus, step: Option<RollbackStep>, f: &Facts) -> D
                     Effect::RestoreReclaimPolicy,
                     Then::Wait(Some(Duration::ZERO)),
                 ),
-                Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(POLL))),
-                Claims::Pending => wait(POLL),
+                Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(WATCHED))),
+                Claims::Pending => wait(WATCHED),
                 Claims::Bound if c.step >= CutoverStep::FinalSent => {
                     d(Effect::Demote, Then::RollbackStep(RollbackStep::Demoted))
                 }

@@ -328,7 +328,7 @@ fn the_cutover_scales_to_zero_then_waits_for_every_pod_to_go() {
         }),
         ..facts()
     };
-    assert_eq!(decide_(&s, &terminating), wait(POLL));
+    assert_eq!(decide_(&s, &terminating), wait(WATCHED));
     assert_eq!(
         decide_(&s, &stopped()).then,
         Then::Step(CutoverStep::ScaledDown)
@@ -476,7 +476,7 @@ fn the_workload_starts_on_the_target_only_once_every_claim_is_bound() {
         claims: Claims::Pending,
         ..stopped()
     };
-    assert_eq!(decide_(&s, &pending), wait(POLL));
+    assert_eq!(decide_(&s, &pending), wait(WATCHED));
     assert_eq!(
         decide_(&s, &stopped()),
         d(Effect::Scale(2), Then::Step(CutoverStep::ScaledUp))
@@ -601,7 +601,7 @@ fn a_rollback_after_scale_up_stops_the_target_s_pods_before_rebinding() {
         }),
         ..facts()
     };
-    assert_eq!(decide_(&s, &terminating), wait(POLL));
+    assert_eq!(decide_(&s, &terminating), wait(WATCHED));
     assert_eq!(
         decide_(&s, &stopped()).then,
         Then::RollbackStep(RollbackStep::Stopped)
@@ -644,7 +644,7 @@ fn a_rollback_restores_the_pinning_and_waits_for_the_claims() {
         claims: Claims::Pending,
         ..stopped()
     };
-    assert_eq!(decide_(&s, &pending), wait(POLL));
+    assert_eq!(decide_(&s, &pending), wait(WATCHED));
 }
 
 #[test]
