@@ -172,6 +172,21 @@ fn deployment_on_a_with(
     Ok((vol, app))
 }
 
+/// [`deployment_on_a`] with 32 MiB, and Migration `web-to-b` under way at 4 MiB/s until
+/// `sent` bytes have crossed: a move a test can interrupt mid-send.
+fn slow_move_under_way(env: &Env, ns: &str, sent: u64) -> Result<(LocalVolume, AckWatch)> {
+    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    migrate(
+        env,
+        &Request {
+            bandwidth: Some("4Mi"),
+            ..Request::new(ns, "web-to-b", B)
+        },
+    )?;
+    wait_sent(env, ns, "web-to-b", sent)?;
+    Ok((vol, app))
+}
+
 /// Watches the ledger app of `selector` until a pod on `node` has acknowledged a write.
 fn watch_app(env: &Env, ns: &str, selector: &str, node: &str) -> Result<AckWatch> {
     let app = AckWatch::start(&env.rt, &env.client, ns, selector);
@@ -229,7 +244,10 @@ fn app_intact(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
             }))
         },
     )?;
-    Ledger::read(a, path)?.check_acks(&app.acks())
+    // The acknowledgements first, then the ledger: an ack seen after the read could be of a
+    // record written after it.
+    let acks = app.acks();
+    Ledger::read(a, path)?.check_acks(&acks)
 }
 
 /// `count` files of 1 MiB of random data named PREFIX-N in `dir` on machine `m`.
@@ -827,16 +845,8 @@ fn target_agent_killed(env: &mut Env) -> Result<()> {
 /// Kills `victim`'s agent (SIGKILL) while the volume is a quarter across, starts it again,
 /// and expects the migration to complete with intact data.
 fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
-    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    let (vol, app) = slow_move_under_way(env, ns, 8 << 20)?;
     let ag = agents(env)?;
-    migrate(
-        env,
-        &Request {
-            bandwidth: Some("4Mi"),
-            ..Request::new(ns, "web-to-b", B)
-        },
-    )?;
-    wait_sent(env, ns, "web-to-b", 8 << 20)?;
     {
         let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
         let i = running
@@ -1148,6 +1158,7 @@ fn app_intact_on_a(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
             }))
         },
     )?;
+    // The acknowledgements before the ledger, as in `app_intact`.
     let mut on_a = app.acks();
     on_a.by_writer.retain(|w, _| ledger::node_of(w) == Some(A));
     Ledger::read(a, path)?.check_acks(&on_a)
@@ -1262,16 +1273,8 @@ fn target_gone_in_cutover(env: &mut Env) -> Result<()> {
 /// on machine-a, lock and finalizer released by the target's agent.
 fn source_gone_mid_send(env: &mut Env) -> Result<()> {
     let ns = "mig-source-gone";
-    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    let (vol, app) = slow_move_under_way(env, ns, 8 << 20)?;
     let a = env.machine(A)?;
-    migrate(
-        env,
-        &Request {
-            bandwidth: Some("4Mi"),
-            ..Request::new(ns, "web-to-b", B)
-        },
-    )?;
-    wait_sent(env, ns, "web-to-b", 8 << 20)?;
     stop_agent(env, A)?;
     let outcome = (|| {
         assert_failed_untouched(env, ns, "web-to-b", "SourceUnreachable")?;
@@ -1344,16 +1347,8 @@ fn source_gone_after_promotion(env: &mut Env) -> Result<()> {
 /// refuses a Migration that already ended.
 fn abandon_and_complete(env: &mut Env) -> Result<()> {
     let ns = "mig-abandon";
-    let (vol, app) = deployment_on_a(env, ns, 32)?;
+    let (vol, app) = slow_move_under_way(env, ns, 4 << 20)?;
     let a = env.machine(A)?;
-    migrate(
-        env,
-        &Request {
-            bandwidth: Some("4Mi"),
-            ..Request::new(ns, "web-to-b", B)
-        },
-    )?;
-    wait_sent(env, ns, "web-to-b", 4 << 20)?;
     let target = format!("{ns}/web-to-b");
     let complete = ployzctl(env, &["migrate", "complete", &target])?;
     let err = String::from_utf8_lossy(&complete.stderr);
@@ -1387,15 +1382,7 @@ fn abandon_and_complete(env: &mut Env) -> Result<()> {
 /// and the move completes without a rollback and without losing a write.
 fn apiserver_restart_mid_send(env: &mut Env) -> Result<()> {
     let ns = "mig-apiserver";
-    let (vol, app) = deployment_on_a(env, ns, 32)?;
-    migrate(
-        env,
-        &Request {
-            bandwidth: Some("4Mi"),
-            ..Request::new(ns, "web-to-b", B)
-        },
-    )?;
-    wait_sent(env, ns, "web-to-b", 8 << 20)?;
+    let (vol, app) = slow_move_under_way(env, ns, 8 << 20)?;
     env.restart_apiserver()?;
     eprintln!("    kube-apiserver restarted mid-send");
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
@@ -1436,7 +1423,8 @@ fn source_copy_delete(env: &mut Env) -> Result<()> {
         assert_succeeded(&m)?;
         assert_on(env, ns, &vol.pv, "app=web", B)?;
         app.wait_acked_on(B)?;
-        Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&app.acks())?;
+        let acks = app.acks();
+        Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&acks)?;
         let message = m.status.and_then(|s| s.message).unwrap_or_default();
         eprintln!("    {message}");
         let left = a.zfs(&["list", "-H", "-o", "name", &vol.dataset]).is_ok();
