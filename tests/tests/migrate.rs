@@ -233,6 +233,15 @@ fn app_moved(
 /// After a failed or cancelled move: the app writes on machine-a again and every write it
 /// acknowledged is in its ledger there.
 fn app_intact(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
+    resumed_on_a(app)?;
+    // The acknowledgements first, then the ledger: an ack seen after the read could be of a
+    // record written after it.
+    let acks = app.acks();
+    Ledger::read(a, path)?.check_acks(&acks)
+}
+
+/// Waits until the app acknowledges a write on machine-a it had not acknowledged before.
+fn resumed_on_a(app: &AckWatch) -> Result<()> {
     let before = app.acks();
     wait_for(
         "the app to acknowledge new writes on machine-a",
@@ -243,11 +252,7 @@ fn app_intact(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
                 ledger::node_of(w) == Some(A) && before.by_writer.get(w).is_none_or(|&b| seq > b)
             }))
         },
-    )?;
-    // The acknowledgements first, then the ledger: an ack seen after the read could be of a
-    // record written after it.
-    let acks = app.acks();
-    Ledger::read(a, path)?.check_acks(&acks)
+    )
 }
 
 /// `count` files of 1 MiB of random data named PREFIX-N in `dir` on machine `m`.
@@ -1147,17 +1152,7 @@ fn rollback_stops_target_first(env: &mut Env) -> Result<()> {
 /// Like [`app_intact`], for a test where pods on machine-b also acknowledged writes: only
 /// machine-a's acknowledgements must be in machine-a's ledger.
 fn app_intact_on_a(app: &AckWatch, a: &ZfsMachine, path: &str) -> Result<()> {
-    let before = app.acks();
-    wait_for(
-        "the app to acknowledge new writes on machine-a",
-        Duration::from_secs(60),
-        || {
-            let now = app.acks();
-            Ok(now.by_writer.iter().any(|(w, &seq)| {
-                ledger::node_of(w) == Some(A) && before.by_writer.get(w).is_none_or(|&b| seq > b)
-            }))
-        },
-    )?;
+    resumed_on_a(app)?;
     // The acknowledgements before the ledger, as in `app_intact`.
     let mut on_a = app.acks();
     on_a.by_writer.retain(|w, _| ledger::node_of(w) == Some(A));

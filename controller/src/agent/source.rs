@@ -130,8 +130,11 @@ fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
 }
 
 /// Time since `since` (zero if the clock says it is in the future).
-fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
-    let d = k8s_openapi::jiff::Timestamp::now().duration_since(since.0);
+pub(super) fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
+    non_negative(k8s_openapi::jiff::Timestamp::now().duration_since(since.0))
+}
+
+fn non_negative(d: k8s_openapi::jiff::SignedDuration) -> Duration {
     Duration::from_millis(d.as_millis().max(0) as u64)
 }
 
@@ -183,10 +186,10 @@ async fn observe(
             .unwrap_or_else(|p| p.into_inner())
             .get(&uid(m))
             .map(Instant::elapsed),
-        retry_in: s.retry_at.as_ref().map(|t| {
-            let left = t.0.duration_since(k8s_openapi::jiff::Timestamp::now());
-            Duration::from_millis(left.as_millis().max(0) as u64)
-        }),
+        retry_in: s
+            .retry_at
+            .as_ref()
+            .map(|t| non_negative(t.0.duration_since(k8s_openapi::jiff::Timestamp::now()))),
         ..Facts::default()
     };
     if let Some(snapshot) = pass_snapshot(s, stage) {
@@ -224,8 +227,9 @@ async fn observe(
                 ..
             }
     );
-    let needs_ends = needs_pods || needs_pinning;
-    let ends = if needs_ends {
+    let probe = matches!(stage, Stage::CuttingOver(Some(step)) if *step < CutoverStep::ScaledUp)
+        && plan.target != ctx.machine;
+    let ends = if needs_pods || needs_pinning || probe {
         Some(ends(ctx, plan).await?)
     } else {
         None
@@ -255,11 +259,8 @@ async fn observe(
     if needs_claims {
         f.claims = claims(ctx, m, s, plan).await?;
     }
-    if let Stage::CuttingOver(Some(step)) = stage
-        && *step < CutoverStep::ScaledUp
-        && plan.target != ctx.machine
-    {
-        f.target_unreachable_for = target_unreachable_for(ctx, m, plan).await?;
+    if probe && let Some(e) = &ends {
+        f.target_unreachable_for = target_unreachable_for(ctx, m, &e.target_endpoint).await;
     }
     Ok(f)
 }
@@ -276,20 +277,15 @@ fn pinning_of(o: &Observed, e: &Ends) -> Pinning {
 
 /// How long the target's transfer endpoint has refused connections, by this agent's count
 /// (a restarted agent counts afresh, which only delays the decision).
-async fn target_unreachable_for(
-    ctx: &Ctx,
-    m: &Migration,
-    plan: &MigrationPlan,
-) -> Result<Option<Duration>, Error> {
-    let endpoint = ends(ctx, plan).await?.target_endpoint;
-    let reachable = dial(&endpoint).await.is_ok();
+async fn target_unreachable_for(ctx: &Ctx, m: &Migration, endpoint: &str) -> Option<Duration> {
+    let reachable = dial(endpoint).await.is_ok();
     let mut down = ctx.unreachable.lock().unwrap_or_else(|p| p.into_inner());
     if reachable {
         down.remove(&uid(m));
-        return Ok(None);
+        return None;
     }
     let since = *down.entry(uid(m)).or_insert_with(Instant::now);
-    Ok(Some(since.elapsed()))
+    Some(since.elapsed())
 }
 
 async fn dial(endpoint: &str) -> std::io::Result<tokio::net::TcpStream> {
@@ -1016,43 +1012,33 @@ async fn role_change(
     claim: &str,
     action: PeerAction,
 ) -> Result<Option<String>, Error> {
-    change_role(ctx, m, plan, endpoint, claim, action)
-        .await
-        .map_err(|e| {
-            let verb = match action {
-                PeerAction::Demote => "demote",
-                _ => "take over",
-            };
-            Error::Peer(
-                Reason::PromoteFailed,
-                format!("{} could not {verb} {claim}: {e}", plan.target),
-            )
-        })
-}
-
-async fn change_role(
-    ctx: &Ctx,
-    m: &Migration,
-    plan: &MigrationPlan,
-    endpoint: &str,
-    claim: &str,
-    action: PeerAction,
-) -> Result<Option<String>, String> {
-    if plan.target != ctx.machine {
-        return peer(ctx, m, plan, endpoint, claim, action)
+    let changed = if plan.target != ctx.machine {
+        peer(ctx, m, plan, endpoint, claim, action)
             .await
-            .map_err(|e| e.to_string());
-    }
-    let v = plan
-        .volumes
-        .iter()
-        .find(|v| v.claim == claim)
-        .ok_or_else(|| format!("claim {claim} is not in the plan"))?;
-    let ds: DatasetName = v.target_dataset.parse().map_err(|e| format!("{e}"))?;
-    ctx.server
-        .change_role(&ds, action)
-        .await
-        .map_err(|e| e.to_string())
+            .map_err(|e| e.to_string())
+    } else {
+        match plan.volumes.iter().find(|v| v.claim == claim) {
+            None => Err(format!("claim {claim} is not in the plan")),
+            Some(v) => match v.target_dataset.parse::<DatasetName>() {
+                Err(e) => Err(e.to_string()),
+                Ok(ds) => ctx
+                    .server
+                    .change_role(&ds, action)
+                    .await
+                    .map_err(|e| e.to_string()),
+            },
+        }
+    };
+    changed.map_err(|e| {
+        let verb = match action {
+            PeerAction::Demote => "demote",
+            _ => "take over",
+        };
+        Error::Peer(
+            Reason::PromoteFailed,
+            format!("{} could not {verb} {claim}: {e}", plan.target),
+        )
+    })
 }
 
 /// Asks the target agent (at `endpoint`) to promote or demote its copy of `claim`, within

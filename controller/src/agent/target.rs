@@ -145,10 +145,7 @@ async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .await?
         .and_then(|x| x.status)
         .and_then(|x| x.heartbeat_time);
-    let silent = heartbeat.as_ref().map_or(deadline, |t| {
-        let d = k8s_openapi::jiff::Timestamp::now().duration_since(t.0);
-        Duration::from_millis(d.as_millis().max(0) as u64)
-    });
+    let silent = heartbeat.as_ref().map_or(deadline, source::elapsed);
     if silent < deadline {
         // Looked at again when the deadline could pass (or on any change).
         return Ok(Action::requeue(deadline - silent + Duration::from_secs(1)));
