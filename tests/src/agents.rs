@@ -14,6 +14,7 @@ use ployz::api::{Machine, ZfsInfo};
 use ployz::api::{Migration, MigrationSpec};
 use ployz::transfer::authz::KubeAuthorizer;
 use ployz::transfer::client::Sender;
+use ployz::transfer::gate::Limits;
 use ployz::transfer::server::{Server, ServerConfig};
 use ployz::transfer::tls::Identity;
 use ployz::zfs::{DatasetName, Zfs, ZfsCli};
@@ -145,7 +146,10 @@ pub fn start_receiver(
         identity.server_config()?,
         ServerConfig {
             parent,
-            no_progress,
+            limits: Limits {
+                frame: no_progress,
+                ..Limits::default()
+            },
         },
     ));
     let addr = SocketAddr::from((machine.ip(), port));

@@ -14,6 +14,7 @@ use ployz::api::ZfsImplementation;
 use ployz::transfer::Progress;
 use ployz::transfer::authz::{Authorizer, Grant, Refusal};
 use ployz::transfer::client::{SendJob, SendReport, Sender, TransferError};
+use ployz::transfer::gate::Limits;
 use ployz::transfer::protocol::{Hello, MigrationKey, WireCompression};
 use ployz::transfer::server::{Server, ServerConfig};
 use ployz::zfs::base::BaseError;
@@ -161,7 +162,10 @@ impl Guest {
             ca.identity("dst")?.server_config()?,
             ServerConfig {
                 parent,
-                no_progress: Duration::from_secs(20),
+                limits: Limits {
+                    frame: Duration::from_secs(20),
+                    ..Limits::default()
+                },
             },
         ));
         let (addr, server) = rt.block_on(async {

@@ -8,7 +8,10 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail, ensure};
 use ployz::transfer::Progress;
 use ployz::transfer::client::{SendJob, SendReport, TransferError};
-use ployz::transfer::protocol::{MigrationKey, ReceiveFailure, RefusalReason, WireCompression};
+use ployz::transfer::protocol::{
+    Action, Hello, HelloReply, MigrationKey, Offer, PROTOCOL_VERSION, ReceiveFailure,
+    RefusalReason, WireCompression, read_frame, write_frame,
+};
 use ployz::transfer::tls::Identity;
 use ployz::zfs::base::BaseError;
 use ployz_e2e::agents::{
@@ -18,6 +21,7 @@ use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s;
 use ployz_e2e::machine::ZfsMachine;
 use ployz_e2e::process::{command, run};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const NS: &str = "xfer";
 const PORT: u16 = 7443;
@@ -82,6 +86,14 @@ fn main() -> ExitCode {
             (
                 "sender_impersonating_another_machine_is_refused",
                 wrong_peer_refused,
+            ),
+            (
+                "idle_connections_do_not_stop_a_send_beside_them",
+                idle_connections,
+            ),
+            (
+                "stalled_sender_frees_its_dataset_within_the_read_timeout",
+                stalled_sender,
             ),
         ],
     )
@@ -775,5 +787,186 @@ fn wrong_peer_refused(env: &mut Env) -> Result<()> {
         &job("m-data", DATA, "xfer-data", "s6")?,
     )?;
     ensure!(refused(&r) == Some(RefusalReason::WrongPeer), "{r:?}");
+    Ok(())
+}
+
+/// Idle TCP connections from the real sender's own address, the hardest place for them: the
+/// receiver must not refuse the real sender, nor keep every idle socket open.
+fn idle_connections(env: &mut Env) -> Result<()> {
+    const IDLE: usize = 500;
+    let ag = agents(env)?;
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-idle")?;
+    write_data(a, &mp, "head -c 1048576 /dev/urandom > f")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-idle@s1"])?;
+    migration(env, "m-idle", "idle", "xfer-idle", "tank/ployz/xfer-idle")?;
+    let net = a.net.clone();
+    let addr = ag.receiver.addr;
+    let idle = env.block_on(async {
+        let mut idle = Vec::with_capacity(IDLE);
+        for _ in 0..IDLE {
+            idle.push(connect_from(net.clone(), addr).await?);
+        }
+        anyhow::Ok(idle)
+    })?;
+    let limits = ployz::transfer::gate::Limits::default();
+    let pending = ag.receiver.server.pending_connections();
+    ensure!(
+        pending <= limits.pending_per_address,
+        "{pending} idle connections held open by the receiver"
+    );
+
+    let r = send(env, &job("m-idle", "idle", "xfer-idle", "s1")?)?;
+    ensure!(
+        matches!(r, Ok(SendReport::Sent { .. })),
+        "the send beside {IDLE} idle connections: {r:?}"
+    );
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-idle")? == a.checksums(&mp)?,
+        "checksums differ"
+    );
+    // The receiver closed the idle connections it pushed out: they read end-of-stream.
+    let closed = env.block_on(async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut closed = 0;
+            for c in &idle {
+                let mut byte = [0u8; 1];
+                match c.try_read(&mut byte) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Ok(0) | Err(_) => closed += 1,
+                    Ok(_) => {}
+                }
+            }
+            if closed >= IDLE - limits.pending_per_address || tokio::time::Instant::now() > deadline
+            {
+                return closed;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    ensure!(
+        closed >= IDLE - limits.pending_per_address,
+        "only {closed} of {IDLE} idle connections were closed by the receiver"
+    );
+    drop(idle);
+    Ok(())
+}
+
+/// Opens a session as `identity` and says `Hello` for `claim` of `migration`; the reply.
+async fn hello_raw(
+    net: ployz_e2e::network::MachineNet,
+    identity: &Identity,
+    addr: std::net::SocketAddr,
+    migration: &str,
+    claim: &str,
+) -> Result<(
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    HelloReply,
+)> {
+    let tcp = connect_from(net, addr).await?;
+    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    let mut conn = connector
+        .connect(ployz::transfer::tls::server_name("machine-b")?, tcp)
+        .await?;
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        migration: MigrationKey {
+            namespace: NS.into(),
+            name: migration.into(),
+        },
+        claim: claim.into(),
+        action: Action::Receive,
+    };
+    write_frame(&mut conn, &hello).await?;
+    let reply = read_frame(&mut conn).await?;
+    Ok((conn, reply))
+}
+
+/// A sender that was let in and then goes silent, before its offer and in the middle of its
+/// stream: the receiver drops it within its read timeout and the next sender gets in.
+fn stalled_sender(env: &mut Env) -> Result<()> {
+    let ag = agents(env)?;
+    let a = env.machine("machine-a")?;
+    let mp = a.create_dataset("tank/ployz/xfer-stall")?;
+    write_data(a, &mp, "head -c 1048576 /dev/urandom > f")?;
+    a.zfs(&["snapshot", "tank/ployz/xfer-stall@s1"])?;
+    migration(
+        env,
+        "m-stall",
+        "stall",
+        "xfer-stall",
+        "tank/ployz/xfer-stall",
+    )?;
+    let net = a.net.clone();
+    let addr = ag.receiver.addr;
+
+    for stage in ["before its offer", "mid-stream"] {
+        let (mut silent, reply) =
+            env.block_on(hello_raw(net.clone(), &ag.a, addr, "m-stall", "stall"))?;
+        ensure!(
+            matches!(reply, HelloReply::Accepted(_)),
+            "{stage}: not let in: {reply:?}"
+        );
+        if stage == "mid-stream" {
+            env.block_on(async {
+                write_frame(
+                    &mut silent,
+                    &Offer::Stream {
+                        to: "s1".into(),
+                        base: None,
+                        base_guid: None,
+                        resumed: false,
+                        compression: WireCompression::None,
+                    },
+                )
+                .await?;
+                // A chunk announced as 64 KiB, of which only a few bytes ever come.
+                silent.write_all(&(64u32 << 10).to_be_bytes()).await?;
+                silent.write_all(b"partial").await?;
+                silent.flush().await?;
+                anyhow::Ok(())
+            })?;
+        }
+        let started = std::time::Instant::now();
+        // While the silent sender holds the dataset, another is refused (the test's premise).
+        let blocked = send(env, &job("m-stall", "stall", "xfer-stall", "s1")?)?;
+        ensure!(
+            refused(&blocked) == Some(RefusalReason::Internal)
+                && blocked
+                    .as_ref()
+                    .err()
+                    .is_some_and(|e| e.to_string().contains("already in progress")),
+            "{stage}: a second sender was not held off: {blocked:?}"
+        );
+        let deadline = NO_PROGRESS * 4;
+        let r = loop {
+            let r = send(env, &job("m-stall", "stall", "xfer-stall", "s1")?)?;
+            if refused(&r) != Some(RefusalReason::Internal) || started.elapsed() > deadline {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        ensure!(
+            matches!(r, Ok(SendReport::Sent { .. } | SendReport::UpToDate)),
+            "{stage}: the dataset was still held {:?} after the sender went silent: {r:?}",
+            started.elapsed()
+        );
+        // The receiver closed the silent connection (after saying why, mid-stream).
+        let mut said = vec![];
+        let closed = env.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), silent.read_to_end(&mut said)).await
+        });
+        ensure!(
+            matches!(closed, Ok(Ok(_) | Err(_))),
+            "{stage}: the silent connection is still open"
+        );
+    }
+    let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    ensure!(
+        target_checksums(b, "tank/ployz/xfer-stall")? == a.checksums(&mp)?,
+        "checksums differ"
+    );
     Ok(())
 }

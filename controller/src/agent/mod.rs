@@ -32,6 +32,7 @@ use tracing::{Instrument as _, info, warn};
 use crate::api::{Migration, Phase, ZfsInfo};
 use crate::transfer::authz::KubeAuthorizer;
 use crate::transfer::client::Sender;
+use crate::transfer::gate::Limits;
 use crate::transfer::server::{Server, ServerConfig};
 use crate::transfer::tls::Identity;
 use crate::zfs::{DatasetName, Zfs, ZfsCli};
@@ -99,6 +100,10 @@ pub struct Config {
     /// target, takes the Migration over.
     #[arg(long, env = "PLOYZ_TAKEOVER_SECONDS", default_value_t = 60)]
     pub takeover_seconds: u64,
+    /// Seconds a sender may stay silent (no control frame, no stream chunk) before this
+    /// machine drops its connection and frees the dataset it was receiving into.
+    #[arg(long, env = "PLOYZ_RECEIVE_STALL_SECONDS", default_value_t = 120)]
+    pub receive_stall_seconds: u64,
     /// Namespace of OpenEBS zfs-localpv's ZFSVolumes.
     #[arg(long, env = "PLOYZ_OPENEBS_NAMESPACE", default_value = "openebs")]
     pub openebs_namespace: String,
@@ -356,7 +361,10 @@ pub async fn run(config: Config) -> Result<()> {
         identity.server_config()?,
         ServerConfig {
             parent: parent.clone(),
-            no_progress: Duration::from_secs(300),
+            limits: Limits {
+                frame: Duration::from_secs(config.receive_stall_seconds.max(1)),
+                ..Limits::default()
+            },
         },
     ));
     let listener = tokio::net::TcpListener::bind(config.listen)

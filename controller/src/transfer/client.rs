@@ -120,7 +120,9 @@ impl TransferError {
             | TransferError::Frame(FrameError::Io(_)) => true,
             TransferError::Remote { reason, .. } => matches!(reason, ReceiveFailure::StreamBroken),
             TransferError::Zfs(e) => e.is_transient(),
-            TransferError::Refused { reason, .. } => matches!(reason, RefusalReason::Internal),
+            TransferError::Refused { reason, .. } => {
+                matches!(reason, RefusalReason::Internal | RefusalReason::Busy)
+            }
             _ => false,
         }
     }

@@ -4,6 +4,7 @@
 
 pub mod authz;
 pub mod client;
+pub mod gate;
 pub mod protocol;
 pub mod pump;
 pub mod server;

@@ -69,6 +69,8 @@ pub enum RefusalReason {
     NotSending,
     UnknownVolume,
     OutsideParent,
+    /// The sender's machine holds all of its connection slots; retried.
+    Busy,
     Internal,
 }
 

@@ -2,17 +2,21 @@
 //! the API, reports the target dataset's state, and pipes the stream into `zfs receive`.
 
 use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_compression::tokio::write::ZstdDecoder;
+use async_compression::zstd::DParameter;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use super::authz::{Authorizer, Grant};
+use super::gate::{Gate, Limits};
 use super::protocol::{
     Action, Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
     TargetState, WireCompression, read_frame, write_frame,
@@ -26,20 +30,32 @@ use crate::zfs::{
 
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
 const SETTLE: Duration = Duration::from_secs(5);
+/// Pause after a failed accept, doubling up to the maximum while accepts keep failing.
+const ACCEPT_PAUSE_MIN: Duration = Duration::from_millis(50);
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// Largest zstd window a sender may make the receiver allocate (2^23 = 8 MiB). The sender's
+/// default level uses 2^21 at most; zstd's own default limit would allow 128 MiB per stream.
+const ZSTD_WINDOW_LOG_MAX: u32 = 23;
 
 /// Receiver settings.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Parent dataset of everything this machine receives.
     pub parent: DatasetName,
-    /// Abort a receive whose stream makes no progress for this long.
-    pub no_progress: Duration,
+    /// Connection caps and read timeouts; `limits.frame` also aborts a stalled stream.
+    pub limits: Limits,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("TLS handshake: {0}")]
     Handshake(std::io::Error),
+    #[error("no Hello within {0:?} of connecting")]
+    HandshakeTimeout(Duration),
+    #[error("pushed out by newer connections before authenticating")]
+    Evicted,
+    #[error("no message from the peer within {0:?}")]
+    FrameTimeout(Duration),
     #[error(transparent)]
     Identity(#[from] TlsError),
     #[error("protocol: {0}")]
@@ -59,6 +75,7 @@ pub struct Server<Z, A> {
     authz: Arc<A>,
     acceptor: TlsAcceptor,
     config: ServerConfig,
+    gate: Gate,
     /// Datasets with a receive in progress: a second sender for one is refused.
     active: Mutex<HashSet<DatasetName>>,
     /// Bytes received, all transfers (for metrics).
@@ -112,21 +129,40 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             info,
             authz,
             acceptor: TlsAcceptor::from(tls),
+            gate: Gate::new(config.limits),
             config,
             active: Mutex::new(HashSet::new()),
             received_bytes: AtomicU64::new(0),
         }
     }
 
-    /// Accepts connections until the listener fails.
-    /// Accepts connections until the listener fails. Connections run as tasks owned by this
-    /// future: when it is dropped (the agent stops), every receive in flight is aborted, its
-    /// `zfs receive` sees a truncated stream and leaves the target at its base.
+    /// Connections waiting to authenticate.
+    pub fn pending_connections(&self) -> usize {
+        self.gate.pending()
+    }
+
+    /// Accepts connections until dropped. Connections run as tasks owned by this future:
+    /// when it is dropped (the agent stops), every receive in flight is aborted, its
+    /// `zfs receive` sees a truncated stream and leaves the target at its base. A failed
+    /// accept (out of file descriptors, most often) is logged and survived: the connections
+    /// that end free descriptors, and the gate keeps idle ones from holding them.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) -> std::io::Result<()> {
         let mut connections = tokio::task::JoinSet::new();
+        let mut pause = ACCEPT_PAUSE_MIN;
         loop {
             let (tcp, addr) = tokio::select! {
-                accepted = listener.accept() => accepted?,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => {
+                        pause = ACCEPT_PAUSE_MIN;
+                        a
+                    }
+                    Err(e) => {
+                        warn!(error = %e, ?pause, "accepting a transfer connection failed; pausing");
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(ACCEPT_PAUSE_MAX);
+                        continue;
+                    }
+                },
                 // Reap finished connections so the set does not grow.
                 Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             };
@@ -139,14 +175,16 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
     }
 
-    /// Serves one connection.
-    pub async fn handle(&self, tcp: TcpStream) -> Result<(), ServerError> {
-        let _ = tcp.set_nodelay(true);
-        // A stranger without a certificate from the cluster CA fails here, before any byte
-        // of the protocol is read.
-        let mut conn = tokio::time::timeout(self.config.no_progress, self.acceptor.accept(tcp))
+    /// The TLS handshake and the `Hello`: who the peer is and what it asks. A stranger
+    /// without a certificate from the cluster CA fails here, before any byte of the protocol.
+    async fn open(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<(TlsStream<TcpStream>, String, Hello), ServerError> {
+        let mut conn = self
+            .acceptor
+            .accept(tcp)
             .await
-            .map_err(|_| ServerError::Handshake(std::io::ErrorKind::TimedOut.into()))?
             .map_err(ServerError::Handshake)?;
         conn.get_mut().1.set_buffer_limit(Some(4 << 20));
         let peer = {
@@ -158,6 +196,38 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             tls::peer_machine(cert)?
         };
         let hello: Hello = read_frame(&mut conn).await?;
+        Ok((conn, peer, hello))
+    }
+
+    /// Serves one connection.
+    pub async fn handle(&self, tcp: TcpStream) -> Result<(), ServerError> {
+        let _ = tcp.set_nodelay(true);
+        let limits = self.gate.limits();
+        let address = tcp
+            .peer_addr()
+            .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip());
+        let pending = self.gate.admit(address);
+        let (mut conn, peer, hello) = tokio::select! {
+            opened = tokio::time::timeout(limits.handshake, self.open(tcp)) => {
+                opened.map_err(|_| ServerError::HandshakeTimeout(limits.handshake))??
+            }
+            () = pending.evicted() => return Err(ServerError::Evicted),
+        };
+        let Some(_slot) = self.gate.authenticated(pending, &peer) else {
+            let message = format!(
+                "{peer} already has {} connections open to this machine; retry when one ends",
+                limits.per_peer
+            );
+            write_frame(
+                &mut conn,
+                &HelloReply::Refused {
+                    reason: RefusalReason::Busy,
+                    message: message.clone(),
+                },
+            )
+            .await?;
+            return Err(ServerError::Refused { peer, message });
+        };
         let grant = if hello.version != PROTOCOL_VERSION {
             Err((
                 RefusalReason::ProtocolVersion,
@@ -233,7 +303,9 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         let state = self.target_state(&dataset).await?;
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
-        let offer: Offer = read_frame(&mut conn).await?;
+        let offer: Offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
+            .await
+            .map_err(|_| ServerError::FrameTimeout(limits.frame))??;
         let (compression, resumed, to, base_guid) = match offer {
             Offer::Nothing { reason } => {
                 info!(%peer, %dataset, %reason, "nothing to receive");
@@ -382,13 +454,16 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             stderr: "no stdin".into(),
         })?;
         let opts = PumpOptions {
-            no_progress: self.config.no_progress,
+            no_progress: self.config.limits.frame,
             rate_limit: None,
         };
         let pumped = match compression {
             WireCompression::None => recv_chunks(conn, stdin, opts, &self.received_bytes).await,
             WireCompression::Zstd => {
-                recv_chunks(conn, ZstdDecoder::new(stdin), opts, &self.received_bytes).await
+                // A bounded window: a stream asking for more is refused, not allocated.
+                let params = [DParameter::window_log_max(ZSTD_WINDOW_LOG_MAX)];
+                let decoder = ZstdDecoder::with_params(stdin, &params);
+                recv_chunks(conn, decoder, opts, &self.received_bytes).await
             }
         };
         // Whether or not the stream was complete, the receive must end before we answer:
