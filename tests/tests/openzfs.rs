@@ -33,6 +33,10 @@ const TESTS: &[(&str, Test)] = &[
     ("cut_transfer_resumes_from_the_token", resume_after_cut),
     ("compressed_send_keeps_blocks_compressed", compressed_send),
     ("encrypted_dataset_is_sent_raw_without_the_key", raw_send),
+    (
+        "resume_token_of_a_plaintext_send_of_an_encrypted_dataset_is_refused",
+        plaintext_token_refused,
+    ),
     ("holds_protect_the_base", holds),
     ("diverged_target_is_refused_and_kept", diverged),
 ];
@@ -369,6 +373,14 @@ fn resume_after_cut(g: &Guest) -> Result<()> {
         },
     )?;
     ensure!(token.len() > 10);
+    // The sender decodes the receiver's token before it trusts it.
+    let decoded = g.rt.block_on(g.zfs.resume_token(&token))?;
+    ensure!(
+        decoded.to.to_string() == "src/cut@s1"
+            && decoded.to_guid == guid("src/cut@s1")?
+            && !decoded.raw,
+        "the token decodes as {decoded:?}"
+    );
     job.rate_limit = None;
     let again = Progress::default();
     // As the agent does: the receiver may still be closing the cut receive, so retry.
@@ -426,6 +438,29 @@ fn raw_send(g: &Guest) -> Result<()> {
         "received copy: {lines:?} (want the key unavailable: a raw stream)"
     );
     ensure!(guid("dst/ployz/enc@s1")? == guid("src/enc@s1")?);
+    Ok(())
+}
+
+/// A target that holds the token of a plaintext send of an encrypted dataset (what a
+/// malicious receiver would offer): resuming from it would send the plaintext. Refused.
+fn plaintext_token_refused(g: &Guest) -> Result<()> {
+    sh(
+        "zfs create -o encryption=aes-256-gcm -o keyformat=passphrase -o keylocation=file:///tmp/key src/enc2 \
+        && head -c 4M /dev/urandom > /src/enc2/secret && zfs snapshot src/enc2@s1 \
+        && { zfs send src/enc2@s1 | head -c 1500000 | zfs receive -s -u dst/ployz/enc2 || true; }",
+    )?;
+    let token = sh("zfs get -H -o value receive_resume_token dst/ployz/enc2")?;
+    ensure!(
+        token.trim().len() > 10,
+        "no partial plaintext receive to offer: {token:?}"
+    );
+    match g.send(&g.job("enc2", "s1")?, &Progress::default()) {
+        Err(TransferError::BadToken { what, .. }) if what.contains("plaintext") => {}
+        other => bail!("expected the token to be refused, got {other:?}"),
+    }
+    // Nothing was resumed: the partial state and its token are as the setup left them.
+    let after = sh("zfs get -H -o value receive_resume_token dst/ployz/enc2")?;
+    ensure!(after == token, "the partial receive moved on: {after:?}");
     Ok(())
 }
 

@@ -21,7 +21,7 @@ use super::pump::{Counting, PumpError, PumpOptions, send_chunks};
 use super::tls;
 use crate::api::ZfsInfo;
 use crate::zfs::base::{self, BaseError, SendPlan, TargetSide};
-use crate::zfs::{DatasetName, SendArgs, Zfs, ZfsError, legacy_estimate};
+use crate::zfs::{DatasetName, ResumeToken, SendArgs, Zfs, ZfsError, legacy_estimate};
 
 /// Outgoing TLS buffer: a few chunks.
 const TLS_BUFFER: usize = 4 << 20;
@@ -103,6 +103,14 @@ pub enum TransferError {
         needed: u64,
         available: u64,
     },
+    #[error(
+        "{machine}'s resume token cannot be used: {what}; discard its partial receive (zfs receive -A {dataset} on {machine}) and retry"
+    )]
+    BadToken {
+        machine: String,
+        dataset: String,
+        what: String,
+    },
     #[error("{what}; move it to a machine with OpenZFS")]
     Unsupported { machine: String, what: String },
     #[error("stream: {0}")]
@@ -126,6 +134,31 @@ impl TransferError {
             _ => false,
         }
     }
+}
+
+/// Whether a receiver's resume token may continue a send of `ds`: it must name one of `ds`'s
+/// own snapshots, and an encrypted dataset only ever leaves raw (a token without `rawok`
+/// would make `zfs send -t` send its plaintext).
+pub fn resume_fits(ds: &crate::zfs::Dataset, token: &ResumeToken) -> Result<(), String> {
+    if token.to.dataset() != &ds.name {
+        return Err(format!(
+            "it continues a send of {}, not of {}",
+            token.to, ds.name
+        ));
+    }
+    if !ds.snapshots.iter().any(|s| s.guid == token.to_guid) {
+        return Err(format!(
+            "its snapshot {} (guid {:#x}) is not a snapshot of {} on this machine",
+            token.to, token.to_guid, ds.name
+        ));
+    }
+    if ds.encrypted && !token.raw {
+        return Err(format!(
+            "it continues a non-raw send, and {} is encrypted: that would send its plaintext",
+            ds.name
+        ));
+    }
+    Ok(())
 }
 
 /// Sends volumes from this machine.
@@ -329,15 +362,23 @@ impl<Z: Zfs + 'static> Sender<Z> {
         let mut args = SendArgs::new(to);
         // Only what both sides support: a legacy receiver cannot take a compressed stream.
         args.compressed = ours.compressed_send && theirs.compressed_send;
-        if let Some(token) = target.resume_token.clone().filter(|_| ours.resume_tokens) {
-            args.resume_token = Some(token);
-            return Ok(Some((args, None)));
-        }
         let inv = self.zfs.inventory(&job.dataset, &self.info).await?;
         let ds = inv
             .datasets
             .get(&job.dataset)
             .ok_or_else(|| ZfsError::NotFound(job.dataset.to_string()))?;
+        if let Some(token) = target.resume_token.clone().filter(|_| ours.resume_tokens) {
+            // The token comes from the receiver: decoded and checked before it picks what
+            // leaves this machine.
+            let contents = self.zfs.resume_token(&token).await?;
+            resume_fits(ds, &contents).map_err(|what| TransferError::BadToken {
+                machine: job.target_machine.clone(),
+                dataset: target.dataset.clone(),
+                what,
+            })?;
+            args.resume_token = Some(token);
+            return Ok(Some((args, None)));
+        }
         let side = TargetSide {
             exists: target.exists,
             snapshots: target.snapshots.clone(),
@@ -485,5 +526,63 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 .err()
                 .map_or_else(|| PumpError::Stalled(job.no_progress).into(), Into::into)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::zfs::{Dataset, Snapshot};
+
+    fn dataset(encrypted: bool) -> Dataset {
+        let name: DatasetName = "tank/ployz/pv-1".parse().unwrap_or_else(|e| panic!("{e}"));
+        Dataset {
+            snapshots: vec![Snapshot {
+                name: name.snapshot("ployz-2").unwrap_or_else(|e| panic!("{e}")),
+                guid: 22,
+                createtxg: 9,
+                used: 0,
+                referenced: 0,
+                userrefs: 0,
+                user_props: BTreeMap::new(),
+            }],
+            name,
+            guid: 1,
+            createtxg: 1,
+            used: 0,
+            referenced: 0,
+            available: 0,
+            mountpoint: None,
+            readonly: false,
+            resume_token: None,
+            encrypted,
+            user_props: BTreeMap::new(),
+            bookmarks: vec![],
+        }
+    }
+
+    fn token(to: &str, to_guid: u64, raw: bool) -> ResumeToken {
+        ResumeToken {
+            to: to.parse().unwrap_or_else(|e| panic!("{e}")),
+            to_guid,
+            from_guid: None,
+            raw,
+        }
+    }
+
+    #[test]
+    fn a_resume_token_continues_only_this_dataset_and_never_unwraps_encryption() {
+        let plain = dataset(false);
+        let secret = dataset(true);
+        assert!(resume_fits(&plain, &token("tank/ployz/pv-1@ployz-2", 22, false)).is_ok());
+        assert!(resume_fits(&secret, &token("tank/ployz/pv-1@ployz-2", 22, true)).is_ok());
+        let other = resume_fits(&plain, &token("tank/ployz/pv-9@ployz-2", 22, false));
+        assert!(other.is_err_and(|e| e.contains("not of tank/ployz/pv-1")));
+        let stranger = resume_fits(&plain, &token("tank/ployz/pv-1@ployz-2", 23, false));
+        assert!(stranger.is_err_and(|e| e.contains("not a snapshot of")));
+        let unwrapped = resume_fits(&secret, &token("tank/ployz/pv-1@ployz-2", 22, false));
+        assert!(unwrapped.is_err_and(|e| e.contains("plaintext")));
     }
 }

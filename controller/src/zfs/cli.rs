@@ -9,8 +9,8 @@ use backon::{ExponentialBuilder, Retryable};
 use tokio::process::{Child, Command};
 
 use super::{
-    DatasetName, HOLD_TAG, Inventory, ReceiveArgs, SendArgs, SnapshotName, Space, Zfs, ZfsError,
-    parse,
+    DatasetName, HOLD_TAG, Inventory, ReceiveArgs, ResumeToken, SendArgs, SnapshotName, Space, Zfs,
+    ZfsError, parse,
 };
 use crate::api::ZfsInfo;
 
@@ -318,6 +318,25 @@ impl Zfs for ZfsCli {
         let mut args = vec!["receive".to_string()];
         args.extend(recv.to_args());
         self.spawn(&args, Stdio::piped(), Stdio::null())
+    }
+
+    async fn resume_token(&self, token: &str) -> Result<ResumeToken, ZfsError> {
+        let args = ["send", "-n", "-v", "-t", token];
+        let what = Self::describe(&args);
+        let out = self
+            .command(&args)
+            .output()
+            .await
+            .map_err(|source| ZfsError::Io {
+                command: what.clone(),
+                source,
+            })?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(ZfsError::from_stderr(&what, &stderr));
+        }
+        let both = format!("{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
+        parse::resume_token(&what, &both)
     }
 
     async fn abort_receive(&self, dataset: &DatasetName) -> Result<(), ZfsError> {

@@ -191,6 +191,18 @@ impl SendArgs {
     }
 }
 
+/// What a receiver's resume token asks the sender to continue (`zfs send -nvt`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeToken {
+    /// The snapshot being sent when the stream was cut.
+    pub to: SnapshotName,
+    pub to_guid: u64,
+    /// The incremental base, for an incremental send.
+    pub from_guid: Option<u64>,
+    /// The stream was raw (`-w`): encrypted blocks as they are.
+    pub raw: bool,
+}
+
 /// Arguments of `zfs receive` (always `-u`: mounting happens after the receive, see
 /// shared/notes/zfs-fuse.md on stale reads after receiving into a mounted dataset).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -277,6 +289,11 @@ pub trait Zfs: Send + Sync {
     fn send(&self, send: &SendArgs) -> Result<tokio::process::Child, ZfsError>;
     /// Starts `zfs receive`; the stream goes to the child's stdin.
     fn receive(&self, recv: &ReceiveArgs) -> Result<tokio::process::Child, ZfsError>;
+    /// Decodes a receiver's resume token (OpenZFS `send -nvt`).
+    fn resume_token(
+        &self,
+        token: &str,
+    ) -> impl Future<Output = Result<ResumeToken, ZfsError>> + Send;
     /// Discards the partial state of an interrupted resumable receive (`receive -A`).
     fn abort_receive(
         &self,
