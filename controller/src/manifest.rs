@@ -77,6 +77,8 @@ pub enum RequestError {
     SameMachine(String),
     #[error("--name: {0}")]
     InvalidName(#[from] names::InvalidName),
+    #[error("--bandwidth-limit: {0}")]
+    BandwidthLimit(String),
 }
 
 impl MigrationRequest {
@@ -101,11 +103,14 @@ impl MigrationRequest {
         }
         let name = match &self.name {
             Some(n) => {
-                names::validate(names::NameKind::Service, n)?;
+                names::validate(names::NameKind::Migration, n)?;
                 n.clone()
             }
             None => names::migration_name(&self.workload.service, &self.to),
         };
+        if let Some(q) = &self.bandwidth_limit {
+            crate::api::quantity::bandwidth_limit(&q.0).map_err(RequestError::BandwidthLimit)?;
+        }
         let transfer = (self.bandwidth_limit.is_some() || self.compression.is_some()).then(|| {
             TransferOptions {
                 bandwidth_limit: self.bandwidth_limit.clone(),

@@ -12,6 +12,9 @@ use sha2::{Digest, Sha256};
 pub const DNS1123_LABEL_MAX: usize = 63;
 /// Longest DNS-1123 subdomain (most object names, node names).
 pub const DNS1123_SUBDOMAIN_MAX: usize = 253;
+/// Longest machine name: a DNS-1123 subdomain that is also a valid label value, since
+/// Migrations carry their source machine as a label (`ployz.dev/source`).
+pub const MACHINE_NAME_MAX: usize = 63;
 /// Schema pattern for a DNS-1123 label.
 pub const DNS1123_LABEL_PATTERN: &str = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$";
 /// Schema pattern for a DNS-1123 subdomain.
@@ -20,6 +23,7 @@ pub const DNS1123_SUBDOMAIN_PATTERN: &str =
 
 const LABEL_RULE: &str = "lower-case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters";
 const SUBDOMAIN_RULE: &str = "lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit, at most 253 characters";
+const MACHINE_RULE: &str = "lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit, at most 63 characters since it is also a label value; run the agent with --machine-name for a node whose name is longer";
 
 fn is_label_body(s: &str) -> bool {
     let b = s.as_bytes();
@@ -46,6 +50,7 @@ pub enum NameKind {
     Namespace,
     Service,
     Machine,
+    Migration,
 }
 
 impl NameKind {
@@ -54,20 +59,23 @@ impl NameKind {
             NameKind::Namespace => "namespace",
             NameKind::Service => "service",
             NameKind::Machine => "machine",
+            NameKind::Migration => "Migration name",
         }
     }
 
     fn is_valid(self, s: &str) -> bool {
         match self {
             NameKind::Namespace => is_dns1123_label(s),
-            NameKind::Service | NameKind::Machine => is_dns1123_subdomain(s),
+            NameKind::Service | NameKind::Migration => is_dns1123_subdomain(s),
+            NameKind::Machine => s.len() <= MACHINE_NAME_MAX && is_dns1123_subdomain(s),
         }
     }
 
     fn rule(self) -> &'static str {
         match self {
             NameKind::Namespace => LABEL_RULE,
-            NameKind::Service | NameKind::Machine => SUBDOMAIN_RULE,
+            NameKind::Service | NameKind::Migration => SUBDOMAIN_RULE,
+            NameKind::Machine => MACHINE_RULE,
         }
     }
 }
@@ -260,7 +268,7 @@ mod tests {
         assert_eq!(
             err.as_deref(),
             Some(
-                "machine \"Machine-B\" is not a valid name (lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit, at most 253 characters); did you mean \"machine-b\"?"
+                "machine \"Machine-B\" is not a valid name (lower-case letters, digits, '-' and '.', each dot-separated part starting and ending with a letter or digit, at most 63 characters since it is also a label value; run the agent with --machine-name for a node whose name is longer); did you mean \"machine-b\"?"
             )
         );
     }

@@ -107,7 +107,46 @@ fn a_missing_or_invalid_target_exits_2() {
         "{}",
         stderr(&o)
     );
+}
 
+/// Inputs that once panicked or passed and failed later: each is a usage error (exit 2) that
+/// names the option and the expected form.
+#[test]
+fn unusable_inputs_are_usage_errors_naming_the_field() {
+    let long_machine = "m".repeat(70);
+    let cases: [(&[&str], &str); 6] = [
+        (
+            &["--bandwidth-limit", "fast"],
+            "is not a Kubernetes quantity",
+        ),
+        (&["--bandwidth-limit", "1e400"], "is larger than 16Ei"),
+        (&["--bandwidth-limit", "16Ei"], "is larger than 16Ei"),
+        (&["--bandwidth-limit", "12"], "is out of range"),
+        (&["--to", &long_machine], "at most 63 characters"),
+        (
+            &["--name", "Web_Move"],
+            "Migration name \"Web_Move\" is not a valid name",
+        ),
+    ];
+    for (extra, want) in cases {
+        let mut args = vec!["migrate", "render-manifest", "p/web"];
+        if !extra.contains(&"--to") {
+            args.extend(["--to", "m1"]);
+        }
+        args.extend(extra);
+        let o = ployzctl(&args);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", stderr(&o));
+        assert!(stdout(&o).is_empty(), "{extra:?} printed a manifest");
+        assert!(stderr(&o).contains(want), "{extra:?}: {}", stderr(&o));
+        if extra[0] == "--bandwidth-limit" {
+            assert!(
+                stderr(&o).contains("--bandwidth-limit: spec.transfer.bandwidthLimit")
+                    && stderr(&o).contains("from 1Ki to 1Ei, for example 100Mi"),
+                "{}",
+                stderr(&o)
+            );
+        }
+    }
     let o = ployzctl(&[
         "migrate",
         "render-manifest",
@@ -115,13 +154,13 @@ fn a_missing_or_invalid_target_exits_2() {
         "--to",
         "m1",
         "--bandwidth-limit",
-        "fast",
+        "1024000m",
     ]);
-    assert_eq!(o.status.code(), Some(2));
+    assert!(o.status.success(), "{}", stderr(&o));
     assert!(
-        stderr(&o).contains("bandwidthLimit must be a quantity"),
+        stdout(&o).contains("bandwidthLimit: 1024000m"),
         "{}",
-        stderr(&o)
+        stdout(&o)
     );
 }
 

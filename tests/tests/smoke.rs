@@ -206,7 +206,22 @@ fn invalid_migrations_rejected(env: &mut Env) -> Result<()> {
         (
             "slow",
             json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "12"}}),
-            "bandwidthLimit must be a quantity of at least 1Ki",
+            "bandwidthLimit must be a quantity of bytes per second from 1Ki to 1Ei",
+        ),
+        (
+            "huge",
+            json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "16Ei"}}),
+            "bandwidthLimit must be a quantity of bytes per second from 1Ki to 1Ei",
+        ),
+        (
+            "infinite",
+            json!({"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "1e400"}}),
+            "bandwidthLimit must be a quantity of bytes per second from 1Ki to 1Ei",
+        ),
+        (
+            "long-machine",
+            json!({"service": "web", "to": "m".repeat(70)}),
+            "spec.to: Too long: may not be more than 63 bytes",
         ),
         (
             "bad-timeout",
@@ -223,6 +238,20 @@ fn invalid_migrations_rejected(env: &mut Env) -> Result<()> {
         let msg = refusal(env, name, spec)?;
         ensure!(msg.contains(want), "{name}: expected {want:?} in {msg:?}");
     }
+    // Kubernetes' own quantity forms pass: a thousandth of 1024000 is 1Ki.
+    let ar = ApiResource::from_gvk(&GroupVersionKind::gvk("ployz.dev", "v1alpha1", "Migration"));
+    let api: Api<DynamicObject> = Api::namespaced_with(env.client.clone(), "production", &ar);
+    let milli: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "ployz.dev/v1alpha1", "kind": "Migration",
+        "metadata": {"name": "milli"},
+        "spec": {"service": "web", "to": "machine-b", "transfer": {"bandwidthLimit": "1024000m"}},
+    }))?;
+    let dry_run = PostParams {
+        dry_run: true,
+        ..PostParams::default()
+    };
+    env.block_on(api.create(&dry_run, &milli))
+        .context("1024000m (1Ki) was refused")?;
     // The spec is immutable once created.
     let api: Api<Migration> = Api::namespaced(env.client.clone(), "production");
     let err = env.block_on(api.patch(

@@ -335,7 +335,13 @@ pub async fn run(config: Config) -> Result<()> {
         .await
         .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
     check_crds(&client).await?;
-    let machine = config.machine().to_string();
+    // Migrations carry their source machine as a label value: a longer name could never be
+    // found by its own agent's watch.
+    let machine = config
+        .machine()
+        .parse::<crate::names::MachineName>()
+        .context("the machine name (--machine-name, or the node name)")?
+        .to_string();
     let parent = config.parent()?;
     let zfs = Arc::new(ZfsCli::new(&config.zfs));
     let info = zfs

@@ -811,12 +811,7 @@ async fn start_pass(
     let endpoint = ends(ctx, plan).await?.target_endpoint;
     let transfer = m.spec.transfer.clone().unwrap_or_default();
     let rate_limit = match &transfer.bandwidth_limit {
-        Some(q) => Some(crate::api::quantity_bytes(&q.0).ok_or_else(|| {
-            Error::InvalidSpec(format!(
-                "spec.transfer.bandwidthLimit {:?} is not a quantity",
-                q.0
-            ))
-        })?),
+        Some(q) => Some(crate::api::quantity::bandwidth_limit(&q.0).map_err(Error::InvalidSpec)?),
         None => None,
     };
     let no_progress = m.spec.no_progress_timeout();

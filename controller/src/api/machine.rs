@@ -38,7 +38,7 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct MachineSpec {
     /// The Kubernetes node this machine is (the Machine has the node's name).
-    #[schemars(schema_with = "super::subdomain_schema")]
+    #[schemars(schema_with = "super::machine_schema")]
     pub node_name: String,
 
     /// ZFS pool holding the volumes.

@@ -56,14 +56,14 @@ pub struct MigrationSpec {
     pub service: String,
 
     /// The machine (node) to move the workload to.
-    #[schemars(schema_with = "super::subdomain_schema")]
+    #[schemars(schema_with = "super::machine_schema")]
     pub to: String,
 
     /// The machine the workload is expected to run on. When set and the workload runs
     /// elsewhere, the migration fails instead of moving it, which makes a re-applied manifest
     /// (GitOps) safe.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(schema_with = "super::optional_subdomain_schema")]
+    #[schemars(schema_with = "super::optional_machine_schema")]
     pub from: Option<String>,
 
     /// How the data crosses the network.
@@ -88,7 +88,7 @@ pub struct TransferOptions {
     /// Upper bound of the transfer rate, in bytes per second, as a quantity (for example
     /// `100Mi`). Unlimited when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('1Ki')) >= 0").message("bandwidthLimit must be a quantity of at least 1Ki (bytes per second), for example 100Mi"))]
+    #[x_kube(validation = Rule::new("isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('1Ki')) >= 0 && quantity(string(self)).compareTo(quantity('1Ei')) <= 0").message("bandwidthLimit must be a quantity of bytes per second from 1Ki to 1Ei, for example 100Mi"))]
     pub bandwidth_limit: Option<Quantity>,
 
     /// Compression on the wire. `Zstd` helps on slow links with compressible data; `None`

@@ -10,6 +10,7 @@
 mod machine;
 #[allow(clippy::duplicated_attributes)]
 mod migration;
+pub mod quantity;
 mod reason;
 
 pub use machine::*;
@@ -53,39 +54,23 @@ pub(crate) fn subdomain_schema(_: &mut SchemaGenerator) -> Schema {
     })
 }
 
-/// An optional DNS-1123 subdomain.
-pub(crate) fn optional_subdomain_schema(generator: &mut SchemaGenerator) -> Schema {
-    let mut schema = subdomain_schema(generator);
+/// A machine name: a DNS-1123 subdomain short enough to be a label value (63 characters),
+/// since Migrations are labelled with their source machine.
+pub(crate) fn machine_schema(_: &mut SchemaGenerator) -> Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "minLength": 1,
+        "maxLength": crate::names::MACHINE_NAME_MAX,
+        "pattern": crate::names::DNS1123_SUBDOMAIN_PATTERN,
+    })
+}
+
+/// An optional machine name.
+pub(crate) fn optional_machine_schema(generator: &mut SchemaGenerator) -> Schema {
+    let mut schema = machine_schema(generator);
     schema.insert("nullable".into(), true.into());
     schema
 }
 
 #[cfg(test)]
 mod tests;
-
-/// Bytes in a Kubernetes quantity (`100Mi`, `1G`, `512k`, `2e6`); `None` when it is not one
-/// or does not fit. Fractions are rounded down.
-pub fn quantity_bytes(q: &str) -> Option<u64> {
-    const SUFFIXES: [(&str, f64); 12] = [
-        ("Ki", 1024.0),
-        ("Mi", 1_048_576.0),
-        ("Gi", 1_073_741_824.0),
-        ("Ti", 1_099_511_627_776.0),
-        ("Pi", 1_125_899_906_842_624.0),
-        ("Ei", 1_152_921_504_606_846_976.0),
-        ("k", 1e3),
-        ("M", 1e6),
-        ("G", 1e9),
-        ("T", 1e12),
-        ("P", 1e15),
-        ("E", 1e18),
-    ];
-    let q = q.trim();
-    let (number, factor) = SUFFIXES
-        .iter()
-        .find_map(|(s, f)| q.strip_suffix(s).map(|n| (n, *f)))
-        .unwrap_or((q, 1.0));
-    let value: f64 = number.parse().ok()?;
-    let bytes = value * factor;
-    (bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64).then_some(bytes as u64)
-}
