@@ -195,6 +195,8 @@ pub struct AppOptions<'a> {
     pub never_ready_on: Option<&'a str>,
     /// Pin the pods to this node with a nodeSelector on the hostname label.
     pub pinned_to: Option<&'a str>,
+    /// Replicas other than one (zero: a workload that only names its claim).
+    pub replicas: Option<i32>,
 }
 
 /// [`create_deployment`] with [`AppOptions`].
@@ -221,7 +223,7 @@ pub async fn create_deployment_with(
     let mut d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": name, "labels": {"app": name}},
         "spec": {
-            "replicas": 1,
+            "replicas": opts.replicas.unwrap_or(1),
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": {"app": name}},
             "template": {

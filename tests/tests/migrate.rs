@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::PersistentVolume;
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ListParams;
@@ -97,6 +97,10 @@ fn main() -> ExitCode {
             (
                 "source_copy_delete_destroys_only_the_volume_and_says_when_it_cannot",
                 source_copy_delete,
+            ),
+            (
+                "hostile_claim_naming_another_namespace_s_volume_is_refused",
+                cross_namespace_volume,
             ),
         ],
     )
@@ -1435,4 +1439,67 @@ fn source_copy_delete(env: &mut Env) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A tenant's claim that names another namespace's PV (`spec.volumeName`), a Deployment
+/// without replicas that mounts it, and a Migration: refused as ForeignVolume before anything
+/// is touched; the victim's PV, data and app are as they were.
+fn cross_namespace_volume(env: &mut Env) -> Result<()> {
+    let victim = "mig-victim";
+    let (vol, app) = deployment_on_a(env, victim, 1)?;
+    let before = env.machine(A)?.checksums(&vol.path)?;
+    let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+    let pv_before = env.block_on(pvs.get(&vol.pv))?;
+
+    let tenant = "mig-tenant";
+    env.block_on(k8s::create_namespace(&env.client, tenant))?;
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), tenant);
+    let stolen: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "stolen"},
+        "spec": {
+            "accessModes": ["ReadWriteOnce"],
+            "storageClassName": "ployz-local",
+            "volumeName": vol.pv,
+            "resources": {"requests": {"storage": "1Gi"}},
+        },
+    }))?;
+    env.block_on(claims.create(&PostParams::default(), &stolen))?;
+    env.block_on(k8s::create_deployment_with(
+        &env.client,
+        tenant,
+        "web",
+        "stolen",
+        &k8s::AppOptions {
+            replicas: Some(0),
+            ..Default::default()
+        },
+    ))?;
+    migrate(env, &Request::new(tenant, "steal", B))?;
+    let m = wait_phase(env, tenant, "steal", Phase::Failed)?;
+    let s = m.status.unwrap_or_default();
+    let message = s.message.unwrap_or_default();
+    ensure!(
+        s.reason.as_deref() == Some("ForeignVolume")
+            && message.contains(&format!("bound to claim {victim}/data")),
+        "reason {:?}: {message}",
+        s.reason
+    );
+    eprintln!("    ForeignVolume: {message}");
+    ensure!(s.plan.is_none(), "a plan was recorded: {:?}", s.plan);
+
+    let pv_after = env.block_on(pvs.get(&vol.pv))?;
+    ensure!(
+        pv_after.spec == pv_before.spec && pv_on_node(&pv_after, A),
+        "the victim's PV changed"
+    );
+    let b = env.machine(B)?;
+    ensure!(
+        b.zfs(&["list", "-H", "-o", "name", &vol.dataset]).is_err(),
+        "the victim's dataset reached machine-b"
+    );
+    ensure!(
+        env.machine(A)?.checksums(&vol.path)? == before,
+        "the victim's volume changed"
+    );
+    app_intact(&app, env.machine(A)?, &vol.path)
 }

@@ -12,6 +12,9 @@ pub enum Reason {
     NoZfsVolumes,
     NotZfsVolume,
     VolumeNotFound,
+    /// The claim names a PersistentVolume that is bound to another claim (the
+    /// cross-namespace `volumeName` trick).
+    ForeignVolume,
     VolumesOnSeveralMachines,
     UnknownMachine,
     SameMachine,

@@ -190,7 +190,7 @@ pub fn plan(obs: &Observed, m: &Migration) -> Result<Planned, PlanError> {
             ),
         ));
     }
-    duplicates(obs, m, &workload)?;
+    duplicates(obs, m, &workload, &volumes)?;
     let parent: DatasetName = target.spec.parent_dataset.parse().map_err(|e| {
         PlanError::new(
             Reason::InvalidDataset,
@@ -222,8 +222,15 @@ pub fn plan(obs: &Observed, m: &Migration) -> Result<Planned, PlanError> {
     })
 }
 
-/// One active Migration per workload: an older one that is not finished wins.
-fn duplicates(obs: &Observed, m: &Migration, w: &Workload) -> Result<(), PlanError> {
+/// One active Migration per workload, and per volume (two workloads of a namespace may share
+/// a claim): an older one that is not finished wins. Claims bind a PV to one namespace, so
+/// the namespace's Migrations are every Migration that could plan these volumes.
+fn duplicates(
+    obs: &Observed,
+    m: &Migration,
+    w: &Workload,
+    volumes: &[FoundVolume],
+) -> Result<(), PlanError> {
     let me = m.metadata.name.as_deref();
     let key = |x: &Migration| {
         (
@@ -240,7 +247,12 @@ fn duplicates(obs: &Observed, m: &Migration, w: &Workload) -> Result<(), PlanErr
             continue;
         }
         let same = match other.status.as_ref().and_then(|s| s.plan.as_ref()) {
-            Some(p) => p.workload == w.reference,
+            Some(p) => {
+                p.workload == w.reference
+                    || p.volumes
+                        .iter()
+                        .any(|pv| volumes.iter().any(|v| v.volume == pv.volume))
+            }
             // Not planned yet: it names the same service and came first.
             None => other.spec.service == m.spec.service && key(other) < key(m),
         };
@@ -249,7 +261,7 @@ fn duplicates(obs: &Observed, m: &Migration, w: &Workload) -> Result<(), PlanErr
             return Err(PlanError::new(
                 Reason::DuplicateMigration,
                 format!(
-                    "Migration {name} is already moving {} {} (phase {}); wait for it to finish or delete it (`kubectl -n {} delete migration {name}`)",
+                    "Migration {name} is already moving {} {} or its volumes (phase {}); wait for it to finish or delete it (`kubectl -n {} delete migration {name}`)",
                     w.reference.kind,
                     w.reference.name,
                     phase.map_or("Pending".into(), |p| format!("{p:?}")),

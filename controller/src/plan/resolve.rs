@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
-use k8s_openapi::api::core::v1::{PersistentVolume, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, PodTemplateSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::{Observed, PlanError, Reason};
@@ -274,9 +274,61 @@ pub fn volumes(obs: &Observed, w: &Workload) -> Result<Vec<FoundVolume>, PlanErr
                     format!("claim {ns}/{claim} is bound to PersistentVolume {pv_name}, which does not exist"),
                 )
             })?;
+        bound_to_each_other(ns, pvc, pv)?;
         found.push(volume(obs, claim, &pv_name, pv)?);
     }
     Ok(found)
+}
+
+/// The claim and its PV must point at each other: the claim Bound, the PV's claimRef naming
+/// this namespace, this claim and (where both are known) this claim's UID. A tenant can write
+/// any `volumeName` into a claim of their own namespace; only the binding controller writes
+/// a PV's claimRef, so the claimRef is what says whose volume it is.
+fn bound_to_each_other(
+    ns: &str,
+    pvc: &PersistentVolumeClaim,
+    pv: &PersistentVolume,
+) -> Result<(), PlanError> {
+    let claim = pvc.metadata.name.as_deref().unwrap_or_default();
+    let pv_name = pv.metadata.name.as_deref().unwrap_or_default();
+    let owner = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    let points_back = owner.is_some_and(|r| {
+        r.namespace.as_deref() == Some(ns)
+            && r.name.as_deref() == Some(claim)
+            && match (r.uid.as_deref(), pvc.metadata.uid.as_deref()) {
+                (Some(a), Some(b)) => a == b,
+                _ => true,
+            }
+    });
+    if points_back {
+        let phase = pvc.status.as_ref().and_then(|s| s.phase.as_deref());
+        if phase != Some("Bound") {
+            return Err(PlanError::new(
+                Reason::VolumeNotFound,
+                format!(
+                    "claim {ns}/{claim} is {}, not Bound; ployz moves only claims bound to their volume",
+                    phase.unwrap_or("not yet bound")
+                ),
+            ));
+        }
+        return Ok(());
+    }
+    let holder = owner.map_or_else(
+        || "no claim".to_string(),
+        |r| {
+            format!(
+                "claim {}/{}",
+                r.namespace.as_deref().unwrap_or("?"),
+                r.name.as_deref().unwrap_or("?")
+            )
+        },
+    );
+    Err(PlanError::new(
+        Reason::ForeignVolume,
+        format!(
+            "claim {ns}/{claim} names PersistentVolume {pv_name}, but {pv_name} is bound to {holder}: a Migration moves only volumes bound to its own namespace's claims; fix the claim's spec.volumeName"
+        ),
+    ))
 }
 
 fn volume(

@@ -37,6 +37,14 @@ fn pv(name: &str, node: &str, path: &str) -> PersistentVolume {
     }))
 }
 
+/// A Bound claim `name` of namespace ns (uid u1, as the fixtures' PVs point back at it).
+fn claim(name: &str, volume: &str) -> PersistentVolumeClaim {
+    de(
+        json!({"metadata": {"name": name, "uid": "u1"}, "spec": {"volumeName": volume},
+              "status": {"phase": "Bound"}}),
+    )
+}
+
 fn observed() -> Observed {
     Observed {
         namespace: "ns".into(),
@@ -52,9 +60,7 @@ fn observed() -> Observed {
         services: vec![de(
             json!({"metadata": {"name": "front"}, "spec": {"selector": {"app": "web"}}}),
         )],
-        claims: vec![de(
-            json!({"metadata": {"name": "data"}, "spec": {"volumeName": "pv-1"}}),
-        )],
+        claims: vec![claim("data", "pv-1")],
         volumes: vec![pv("pv-1", "a", "/tank/ployz/pv-1")],
         machines: vec![machine("a", false, true), machine("b", false, true)],
         now: Some(
@@ -111,9 +117,7 @@ fn a_zfs_localpv_owner_is_resolved_through_the_machines_node_id() {
                  "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
                      {"key": "openebs.io/nodeid", "operator": "In", "values": ["disk-1"]}]}]}}},
     }))];
-    obs.claims = vec![de(
-        json!({"metadata": {"name": "data"}, "spec": {"volumeName": "pvc-1"}}),
-    )];
+    obs.claims = vec![claim("data", "pvc-1")];
     obs.zfs_volumes = vec![de(json!({
         "apiVersion": "zfs.openebs.io/v1", "kind": "ZFSVolume",
         "metadata": {"name": "pvc-1", "namespace": "openebs"},
@@ -175,7 +179,8 @@ fn refuses_bad_requests_with_a_reason() {
     );
     let mut nfs = obs.clone();
     nfs.volumes = vec![de(
-        json!({"metadata": {"name": "pv-1"}, "spec": {"nfs": {"server": "x", "path": "/"}}}),
+        json!({"metadata": {"name": "pv-1"}, "spec": {"nfs": {"server": "x", "path": "/"},
+            "claimRef": {"namespace": "ns", "name": "data", "uid": "u1"}}}),
     )];
     assert_eq!(
         reason(&nfs, &migration("m", "web", "b", None)),
@@ -284,4 +289,78 @@ fn volumes_and_pinning_move_to_the_target() {
     );
     let free: k8s_openapi::api::core::v1::PodTemplateSpec = de(json!({"spec": {"containers": []}}));
     assert_eq!(pinning(&free, "a", "b"), None);
+}
+
+#[test]
+fn a_claim_naming_another_namespace_s_volume_is_refused_as_foreign() {
+    let mut obs = observed();
+    // The victim's PV, bound to their claim in another namespace.
+    obs.volumes[0]
+        .spec
+        .iter_mut()
+        .filter_map(|s| s.claim_ref.as_mut())
+        .for_each(|r| r.namespace = Some("victim".into()));
+    let e = plan(&obs, &migration("m", "web", "b", None)).err();
+    assert_eq!(e.as_ref().map(|e| e.reason), Some(Reason::ForeignVolume));
+    assert!(
+        e.is_some_and(|e| e.message.contains("bound to claim victim/data")),
+        "the message names the holder"
+    );
+    // Same namespace and name, another claim object (re-created): the UID tells.
+    let mut obs = observed();
+    obs.claims[0].metadata.uid = Some("u2".into());
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "b", None)),
+        Some(Reason::ForeignVolume)
+    );
+    // A PV nobody claims.
+    let mut obs = observed();
+    obs.volumes[0]
+        .spec
+        .iter_mut()
+        .for_each(|s| s.claim_ref = None);
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "b", None)),
+        Some(Reason::ForeignVolume)
+    );
+}
+
+#[test]
+fn a_claim_that_is_not_bound_is_not_moved() {
+    let mut obs = observed();
+    obs.claims[0].status = None;
+    let e = plan(&obs, &migration("m", "web", "b", None)).err();
+    assert_eq!(e.as_ref().map(|e| e.reason), Some(Reason::VolumeNotFound));
+    assert!(e.is_some_and(|e| e.message.contains("not Bound")));
+}
+
+#[test]
+fn a_volume_already_being_moved_by_another_workload_s_migration_is_a_duplicate() {
+    let mut obs = observed();
+    let mut other = migration("older", "other-app", "b", None);
+    other.status = Some(crate::api::MigrationStatus {
+        phase: Some(Phase::Sending),
+        plan: Some(crate::api::MigrationPlan {
+            source: "a".into(),
+            target: "b".into(),
+            workload: crate::api::WorkloadRef {
+                kind: "Deployment".into(),
+                name: "other-app".into(),
+            },
+            volumes: vec![VolumePlan {
+                claim: "data".into(),
+                volume: "pv-1".into(),
+                source_dataset: "tank/ployz/pv-1".into(),
+                target_dataset: "tank/ployz/pv-1".into(),
+                base: None,
+                estimated_bytes: None,
+            }],
+        }),
+        ..Default::default()
+    });
+    obs.migrations = vec![other];
+    assert_eq!(
+        reason(&obs, &migration("m", "web", "b", None)),
+        Some(Reason::DuplicateMigration)
+    );
 }
