@@ -76,7 +76,13 @@ impl AgentCa {
 
 /// `zfs` of a test machine, run inside its namespaces.
 pub fn machine_zfs(m: &ZfsMachine) -> ZfsCli {
-    ZfsCli::new("/sbin/zfs").with_prefix(vec![
+    machine_program(m, Path::new("/sbin/zfs"))
+}
+
+/// `program` in place of `zfs`, run inside `m`'s namespaces (a wrapper that changes what
+/// `zfs` is asked, for the hostile tests).
+pub fn machine_program(m: &ZfsMachine, program: &Path) -> ZfsCli {
+    ZfsCli::new(program).with_prefix(vec![
         "nsenter".into(),
         "--target".into(),
         m.pid().to_string(),

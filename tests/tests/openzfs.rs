@@ -37,6 +37,10 @@ const TESTS: &[(&str, Test)] = &[
         "resume_token_of_a_plaintext_send_of_an_encrypted_dataset_is_refused",
         plaintext_token_refused,
     ),
+    (
+        "crafted_stream_with_mountpoint_etc_lands_below_the_pool",
+        crafted_stream_lands_below_the_pool,
+    ),
     ("holds_protect_the_base", holds),
     ("diverged_target_is_refused_and_kept", diverged),
 ];
@@ -133,8 +137,11 @@ struct Guest {
     rt: tokio::runtime::Runtime,
     zfs: Arc<ZfsCli>,
     sender: Sender<ZfsCli>,
+    /// A sender whose `zfs send` adds `-p`: a stream carrying the source's properties.
+    crafting: Sender<ZfsCli>,
     addr: SocketAddr,
-    _server: tokio::task::JoinHandle<std::io::Result<()>>,
+    server: Arc<Server<ZfsCli, AllowAll>>,
+    _serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
 fn sh(script: &str) -> Result<String> {
@@ -172,18 +179,29 @@ impl Guest {
                 },
             },
         ));
-        let (addr, server) = rt.block_on(async {
+        let (addr, serving) = rt.block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
             let addr = l.local_addr()?;
-            anyhow::Ok((addr, tokio::spawn(server.serve(l))))
+            anyhow::Ok((addr, tokio::spawn(Arc::clone(&server).serve(l))))
         })?;
-        let sender = Sender::new(Arc::clone(&zfs), info, ca.identity("src")?.client_config()?);
+        let src = ca.identity("src")?;
+        let sender = Sender::new(Arc::clone(&zfs), info.clone(), src.client_config()?);
+        sh(
+            "printf '#!/bin/sh\\nif [ \"$1\" = send ]; then shift; exec zfs send -p \"$@\"; fi\\nexec zfs \"$@\"\\n' > /tmp/zfs-send-p && chmod +x /tmp/zfs-send-p",
+        )?;
+        let crafting = Sender::new(
+            Arc::new(ZfsCli::new("/tmp/zfs-send-p")),
+            info,
+            src.client_config()?,
+        );
         Ok(Self {
             rt,
             zfs,
             sender,
+            crafting,
             addr,
-            _server: server,
+            server,
+            _serving: serving,
         })
     }
 
@@ -461,6 +479,43 @@ fn plaintext_token_refused(g: &Guest) -> Result<()> {
     // Nothing was resumed: the partial state and its token are as the setup left them.
     let after = sh("zfs get -H -o value receive_resume_token dst/ployz/enc2")?;
     ensure!(after == token, "the partial receive moved on: {after:?}");
+    Ok(())
+}
+
+/// A stream carrying `mountpoint=/etc` and `setuid=on` (`send -p`, what a compromised source
+/// could send): received with `-x`/`-o`, so the copy never takes them, and promoted below the
+/// pool.
+fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
+    sh(
+        "zfs create -o canmount=noauto -o mountpoint=/etc -o setuid=on src/crafted \
+        && zfs snapshot src/crafted@s1",
+    )?;
+    let job = g.job("crafted", "s1")?;
+    let r = g.rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(g.addr).await?;
+        anyhow::Ok(g.crafting.send(tcp, &job, &Progress::default()).await)
+    })?;
+    sent(r)?;
+    let props =
+        sh("zfs get -H -o value,source mountpoint,setuid,devices,canmount dst/ployz/crafted")?;
+    ensure!(
+        props
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with("/dst/ployz/crafted\t"))
+            && props.contains("off\tlocal"),
+        "received with {props:?}"
+    );
+    let promoted = g.rt.block_on(g.server.change_role(
+        &ds("dst/ployz/crafted")?,
+        ployz::transfer::protocol::Action::Promote,
+    ))?;
+    ensure!(
+        promoted.as_deref() == Some("/dst/ployz/crafted"),
+        "promoted at {promoted:?}"
+    );
+    let etc = sh("findmnt -n -o SOURCE /etc || true")?;
+    ensure!(!etc.contains("crafted"), "/etc is the stream's: {etc:?}");
     Ok(())
 }
 

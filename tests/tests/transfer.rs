@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use ployz::transfer::Progress;
-use ployz::transfer::client::{SendJob, SendReport, TransferError};
+use ployz::transfer::client::{SendJob, SendReport, Sender, TransferError};
 use ployz::transfer::protocol::{
     Action, Hello, HelloReply, MigrationKey, Offer, PROTOCOL_VERSION, ReceiveFailure,
     RefusalReason, WireCompression, read_frame, write_frame,
 };
 use ployz::transfer::tls::Identity;
 use ployz::zfs::base::BaseError;
+use ployz::zfs::{Zfs, ZfsCli};
 use ployz_e2e::agents::{
     AgentCa, Receiver, connect_from, sender, sending_migration, start_receiver,
 };
@@ -94,6 +95,10 @@ fn main() -> ExitCode {
             (
                 "stalled_sender_frees_its_dataset_within_the_read_timeout",
                 stalled_sender,
+            ),
+            (
+                "crafted_streams_mount_only_below_the_parent_and_never_with_children",
+                crafted_streams_mount_only_below_the_parent,
             ),
         ],
     )
@@ -968,5 +973,124 @@ fn stalled_sender(env: &mut Env) -> Result<()> {
         target_checksums(b, "tank/ployz/xfer-stall")? == a.checksums(&mp)?,
         "checksums differ"
     );
+    Ok(())
+}
+
+/// A sender whose `zfs send` adds `flag` (`-p`, `-R`): what a compromised source agent could
+/// send. A script in this run's scratch directory, run inside machine-a's namespaces.
+fn crafting_sender(env: &Env, identity: &Identity, flag: &str) -> Result<Sender<ZfsCli>> {
+    let a = env.machine("machine-a")?;
+    let script = env.state.join(format!("zfs-send{flag}"));
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ \"$1\" = send ]; then shift; exec /sbin/zfs send {flag} \"$@\"; fi\nexec /sbin/zfs \"$@\"\n"
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    let crafted = ployz_e2e::agents::machine_program(a, &script);
+    let info = env.block_on(crafted.info())?;
+    Ok(Sender::new(
+        std::sync::Arc::new(crafted),
+        info,
+        identity.client_config()?,
+    ))
+}
+
+/// What a compromised source agent could send: a stream carrying properties (`send -p`: a
+/// mountpoint outside the pool, setuid) and one carrying a child dataset (`send -R`). zfs-fuse
+/// cannot exclude properties on receive, so the receiver resets and checks before it mounts:
+/// the copy mounts only below the parent, without setuid or device nodes, and a copy with a
+/// child is not mounted at all.
+fn crafted_streams_mount_only_below_the_parent(env: &mut Env) -> Result<()> {
+    let ag = agents(env)?;
+    let elsewhere = env.state.join("mounted-by-the-stream");
+    std::fs::create_dir_all(&elsewhere)?;
+    let elsewhere = elsewhere.display().to_string();
+    for flag in ["-p", "-R"] {
+        let name = format!(
+            "xfer-crafted-{}",
+            flag.trim_start_matches('-').to_lowercase()
+        );
+        let dataset = format!("tank/ployz/{name}");
+        let a = env.machine("machine-a")?;
+        // Never mounted on machine-a (canmount=noauto): only the stream is to carry it.
+        a.zfs(&[
+            "create",
+            "-p",
+            "-o",
+            "canmount=noauto",
+            "-o",
+            &format!("mountpoint={elsewhere}"),
+            "-o",
+            "setuid=on",
+            &dataset,
+        ])?;
+        a.zfs(&[
+            "create",
+            "-o",
+            "mountpoint=none",
+            &format!("{dataset}/child"),
+        ])?;
+        a.zfs(&["snapshot", "-r", &format!("{dataset}@s1")])?;
+        let m = format!("m-{name}");
+        migration(env, &m, "crafted", &name, &dataset)?;
+        let s = crafting_sender(env, &ag.a, flag)?;
+        let net = env.machine("machine-a")?.net.clone();
+        let addr = ag.receiver.addr;
+        let job = job(&m, "crafted", &name, "s1")?;
+        let r = env.block_on(async {
+            let tcp = connect_from(net, addr).await?;
+            anyhow::Ok(s.send(tcp, &job, &Progress::default()).await)
+        })?;
+        sent(r).with_context(|| format!("send {flag}"))?;
+        let b = env.machine("machine-b")?;
+        let received = b.zfs(&["get", "-H", "-o", "value", "mountpoint,setuid", &dataset])?;
+        eprintln!(
+            "    send {flag}: received with {:?}",
+            received.replace('\n', " ")
+        );
+        let ds: ployz::zfs::DatasetName = dataset.parse()?;
+        let promoted = env.block_on(ag.receiver.server.change_role(&ds, Action::Promote));
+        let children = b.zfs(&["list", "-H", "-r", "-o", "name", &dataset])?;
+        ensure!(
+            (flag == "-R") == (children.lines().count() > 1),
+            "send {flag} brought {children:?}"
+        );
+        if flag == "-R" {
+            ensure!(
+                promoted
+                    .as_ref()
+                    .is_err_and(|e| e.to_string().contains("child datasets")),
+                "send {flag}: promoted with children {children:?}: {promoted:?}"
+            );
+            ensure!(
+                b.zfs(&["get", "-H", "-o", "value", "mounted", &dataset])?
+                    .trim()
+                    == "no",
+                "send {flag}: mounted with children"
+            );
+        } else {
+            ensure!(
+                promoted.as_ref().ok().and_then(Option::as_deref)
+                    == Some(format!("/{dataset}").as_str()),
+                "send {flag}: promoted copy mounted at {promoted:?}"
+            );
+            let props = b.zfs(&[
+                "get",
+                "-H",
+                "-o",
+                "value",
+                "setuid,devices,mounted",
+                &dataset,
+            ])?;
+            ensure!(props == "off\noff\nyes\n", "send {flag}: {props:?}");
+        }
+        let mounts = b.sh("cat /proc/mounts")?;
+        ensure!(
+            !mounts.contains(&elsewhere),
+            "send {flag}: mounted where the stream said: {mounts}"
+        );
+    }
     Ok(())
 }

@@ -3,6 +3,7 @@
 //! [`client::Sender`]. See [`protocol`] for the exchange, [`authz`] for who may send what.
 
 pub mod authz;
+pub mod begin;
 pub mod client;
 pub mod gate;
 pub mod protocol;

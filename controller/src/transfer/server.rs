@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::{info, warn};
 
 use super::authz::{Authorizer, Grant};
+use super::begin::BeginCheck;
 use super::gate::{Gate, Limits};
 use super::protocol::{
     Action, Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
@@ -23,9 +24,9 @@ use super::protocol::{
 };
 use super::pump::{PumpError, PumpOptions, recv_chunks};
 use super::tls::{self, TlsError};
-use crate::api::ZfsInfo;
+use crate::api::{ZfsImplementation, ZfsInfo};
 use crate::zfs::{
-    DatasetName, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError,
+    DatasetName, NEUTRAL, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError,
 };
 
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
@@ -56,6 +57,8 @@ pub enum ServerError {
     Evicted,
     #[error("no message from the peer within {0:?}")]
     FrameTimeout(Duration),
+    #[error("stream refused: {0}")]
+    StreamRefused(String),
     #[error(transparent)]
     Identity(#[from] TlsError),
     #[error("protocol: {0}")]
@@ -103,6 +106,13 @@ impl Drop for ActiveGuard<'_> {
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.dataset);
     }
+}
+
+/// True when `path` lies strictly below the directory `dir` (both absolute).
+fn below(path: &str, dir: &str) -> bool {
+    dir.starts_with('/')
+        && path.starts_with(&format!("{}/", dir.trim_end_matches('/')))
+        && !path.split('/').any(|c| c == "..")
 }
 
 fn failure_of(e: &ZfsError) -> ReceiveFailure {
@@ -337,6 +347,11 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 reason: failure_of(e),
                 message: e.to_string(),
             },
+            // Not the link's fault: sending it again would be refused again.
+            Err(e @ ServerError::StreamRefused(_)) => Outcome::Failed {
+                reason: ReceiveFailure::Other,
+                message: e.to_string(),
+            },
             Err(e) => Outcome::Failed {
                 reason: ReceiveFailure::StreamBroken,
                 message: e.to_string(),
@@ -447,6 +462,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             target: dataset.clone(),
             resumable: state.capabilities.resume_tokens,
             rollback,
+            neutralize: self.info.implementation == ZfsImplementation::OpenZfs,
         };
         let mut child = self.zfs.receive(&args)?;
         let stdin = child.stdin.take().ok_or_else(|| ZfsError::Failed {
@@ -457,6 +473,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             no_progress: self.config.limits.frame,
             rate_limit: None,
         };
+        // Nothing reaches `zfs receive` before the stream's first record is checked.
+        let stdin = BeginCheck::new(stdin);
         let pumped = match compression {
             WireCompression::None => recv_chunks(conn, stdin, opts, &self.received_bytes).await,
             WireCompression::Zstd => {
@@ -469,7 +487,13 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         // Whether or not the stream was complete, the receive must end before we answer:
         // a truncated stream makes it fail and leaves the target at its base (or, with
         // resume tokens, keeps the partial state for the next attempt).
-        if let Err(err) = crate::zfs::finish(child, "zfs receive").await {
+        let finished = crate::zfs::finish(child, "zfs receive").await;
+        if let Err(PumpError::Local(e)) = &pumped
+            && e.kind() == std::io::ErrorKind::InvalidData
+        {
+            return Err(ServerError::StreamRefused(e.to_string()));
+        }
+        if let Err(err) = finished {
             // An unclassified receive failure after a broken stream is the stream's fault.
             return Err(match pumped {
                 Err(p) if matches!(err, ZfsError::Failed { .. }) => p.into(),
@@ -489,6 +513,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         action: Action,
     ) -> Result<Option<String>, ServerError> {
         let name = dataset.as_str();
+        self.contain(dataset).await?;
         if action == Action::Demote {
             self.zfs.set(name, PROP_REPLICA, "true").await?;
             self.zfs.set(name, "readonly", "on").await?;
@@ -522,6 +547,52 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                     stderr: format!("{dataset} has no mountpoint to bind a volume to"),
                 })
             })
+    }
+
+    /// Before any mount: the dataset's mountpoint comes from its parent, it honours no setuid
+    /// bits or device nodes, and it has no children. Whatever a stream managed to set is reset
+    /// here (legacy ZFS cannot exclude properties on receive), then checked: a dataset that
+    /// would mount outside the parent's mountpoint, or that has children, is not mounted.
+    async fn contain(&self, dataset: &DatasetName) -> Result<(), ServerError> {
+        // A replication stream, the only kind that carries properties, never gets this far
+        // (transfer::begin); this undoes what one might have set all the same.
+        self.zfs.inherit(dataset, "mountpoint").await?;
+        for (prop, value) in [("canmount", "on")].into_iter().chain(NEUTRAL) {
+            self.zfs.set(dataset.as_str(), prop, value).await?;
+        }
+        let parent_mp = self.zfs.space(&self.config.parent).await?.mountpoint;
+        let inv = self.zfs.inventory(dataset, &self.info).await?;
+        let uncontained = |what: String| {
+            ServerError::Zfs(ZfsError::Failed {
+                command: "mount".into(),
+                stderr: format!("{dataset} is not mounted: {what}"),
+            })
+        };
+        let children: Vec<String> = inv
+            .datasets
+            .keys()
+            .filter(|d| *d != dataset)
+            .map(ToString::to_string)
+            .collect();
+        if !children.is_empty() {
+            return Err(uncontained(format!(
+                "it has child datasets ({}) that no Migration planned",
+                children.join(", ")
+            )));
+        }
+        let ds = inv
+            .datasets
+            .get(dataset)
+            .ok_or_else(|| ZfsError::NotFound(dataset.to_string()))?;
+        match (&parent_mp, &ds.mountpoint) {
+            // `none` or `legacy`: ZFS mounts it nowhere.
+            (_, m) if !m.as_deref().is_some_and(|m| m.starts_with('/')) => Ok(()),
+            (Some(p), Some(m)) if below(m, p) => Ok(()),
+            (p, m) => Err(uncontained(format!(
+                "its mountpoint {m:?} is not below {}'s mountpoint {p:?}",
+                self.config.parent
+            ))),
+        }
     }
 
     /// Marks a newly received dataset as ployz's read-only replica.

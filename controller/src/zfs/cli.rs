@@ -276,6 +276,18 @@ impl Zfs for ZfsCli {
             .map(drop)
     }
 
+    async fn inherit(&self, dataset: &DatasetName, prop: &str) -> Result<(), ZfsError> {
+        if prop.starts_with('-') {
+            return Err(ZfsError::Failed {
+                command: "zfs inherit".into(),
+                stderr: format!("refusing property {prop:?}"),
+            });
+        }
+        self.run(&["inherit", prop, dataset.as_str()])
+            .await
+            .map(drop)
+    }
+
     async fn rollback(&self, snap: &SnapshotName) -> Result<(), ZfsError> {
         self.run_retrying_busy(&["rollback".into(), "-r".into(), snap.to_string()])
             .await

@@ -212,7 +212,18 @@ pub struct ReceiveArgs {
     pub resumable: bool,
     /// `-F`: roll the target back to the base first. Only for ployz-owned replicas.
     pub rollback: bool,
+    /// `-x`/`-o` (OpenZFS): whatever the stream says, the dataset mounts where its parent
+    /// puts it and honours no setuid bits or device nodes. Legacy ZFS has no such options;
+    /// there the receiver resets and checks before mounting ([`NEUTRAL`]).
+    pub neutralize: bool,
 }
+
+/// Properties a received dataset must not take from its stream: `-x` (inherit from the
+/// parent, or the default) on receive, reset to inherited before any mount.
+pub const NOT_RECEIVED: [&str; 4] = ["mountpoint", "canmount", "sharenfs", "sharesmb"];
+/// Properties a received dataset always has (`-o` on receive, set again before any mount;
+/// `canmount` cannot be inherited, so it is set rather than reset).
+pub const NEUTRAL: [(&str, &str); 2] = [("setuid", "off"), ("devices", "off")];
 
 impl ReceiveArgs {
     pub fn to_args(&self) -> Vec<String> {
@@ -222,6 +233,14 @@ impl ReceiveArgs {
         }
         if self.rollback {
             args.push("-F".into());
+        }
+        if self.neutralize {
+            for prop in NOT_RECEIVED {
+                args.extend(["-x".into(), prop.into()]);
+            }
+            for (prop, value) in NEUTRAL {
+                args.extend(["-o".into(), format!("{prop}={value}")]);
+            }
         }
         args.push(self.target.to_string());
         args
@@ -274,6 +293,12 @@ pub trait Zfs: Send + Sync {
         name: &str,
         prop: &str,
         value: &str,
+    ) -> impl Future<Output = Result<(), ZfsError>> + Send;
+    /// Resets a dataset's property to what it inherits (`zfs inherit`).
+    fn inherit(
+        &self,
+        dataset: &DatasetName,
+        prop: &str,
     ) -> impl Future<Output = Result<(), ZfsError>> + Send;
     /// Rolls a dataset back to `snap`, destroying later snapshots (`rollback -r`).
     fn rollback(&self, snap: &SnapshotName) -> impl Future<Output = Result<(), ZfsError>> + Send;
@@ -371,7 +396,16 @@ mod tests {
             target: "tank/ployz/v".parse().unwrap_or_else(|e| panic!("{e}")),
             resumable: true,
             rollback: false,
+            neutralize: false,
         };
         assert_eq!(r.to_args(), ["-u", "-s", "tank/ployz/v"]);
+        let r = ReceiveArgs {
+            neutralize: true,
+            ..r
+        };
+        assert_eq!(
+            r.to_args().join(" "),
+            "-u -s -x mountpoint -x canmount -x sharenfs -x sharesmb -o setuid=off -o devices=off tank/ployz/v"
+        );
     }
 }
