@@ -16,7 +16,7 @@ use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ListParams;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use ployz::api::{Migration, Phase};
 use ployz::manifest::MigrationRequest;
 use ployz::names::{MachineName, ServiceRef};
@@ -102,6 +102,7 @@ fn main() -> ExitCode {
                 "hostile_claim_naming_another_namespace_s_volume_is_refused",
                 cross_namespace_volume,
             ),
+            ("hostile_plan_forged_in_status_moves_nothing", forged_plan),
         ],
     )
 }
@@ -1501,5 +1502,58 @@ fn cross_namespace_volume(env: &mut Env) -> Result<()> {
         env.machine(A)?.checksums(&vol.path)? == before,
         "the victim's volume changed"
     );
+    app_intact(&app, env.machine(A)?, &vol.path)
+}
+
+/// As cluster-admin (past any admission policy), the plan in status is rewritten mid-send to
+/// send another dataset of machine-a instead of the volume. The agent checks the plan against
+/// the live objects before it snapshots or sends again, and refuses: the other dataset gets
+/// no snapshot and never reaches machine-b, and the workload stays on machine-a, intact.
+fn forged_plan(env: &mut Env) -> Result<()> {
+    let ns = "mig-forged";
+    agents(env)?;
+    let a = env.machine(A)?;
+    let secret = "tank/ployz/not-in-any-plan";
+    let secret_mp = a.create_dataset(secret)?;
+    write_files(a, &secret_mp, "secret", 1)?;
+    let (vol, app) = slow_move_under_way(env, ns, 4 << 20)?;
+    let m = get(env, ns, "web-to-b")?;
+    let mut plan = m
+        .status
+        .and_then(|s| s.plan)
+        .context("no plan while sending")?;
+    for v in &mut plan.volumes {
+        v.source_dataset = secret.into();
+    }
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    env.block_on(api.patch_status(
+        "web-to-b",
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({"status": {"plan": plan}})),
+    ))?;
+    eprintln!("    plan rewritten to send {secret}");
+    let m = wait_phase(env, ns, "web-to-b", Phase::Failed)?;
+    let s = m.status.unwrap_or_default();
+    let message = s.message.unwrap_or_default();
+    ensure!(
+        s.reason.as_deref() == Some("PlanMismatch"),
+        "reason {:?}: {message}",
+        s.reason
+    );
+    eprintln!("    PlanMismatch: {message}");
+    let a = env.machine(A)?;
+    let snapshots = a.zfs(&["list", "-H", "-t", "snapshot", "-o", "name", "-r", secret])?;
+    ensure!(
+        snapshots.trim().is_empty(),
+        "{secret} was snapshotted: {snapshots}"
+    );
+    ensure!(
+        env.machine(B)?
+            .zfs(&["list", "-H", "-o", "name", "tank/ployz/not-in-any-plan"])
+            .is_err(),
+        "{secret} reached machine-b"
+    );
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
+    wait_unlocked(env, ns)?;
     app_intact(&app, env.machine(A)?, &vol.path)
 }

@@ -170,6 +170,9 @@ pub enum Error {
     Peer(crate::api::Reason, String),
     #[error("{0}")]
     InvalidSpec(String),
+    /// Status names something the live objects do not (`Reason::PlanMismatch`).
+    #[error("{0}")]
+    PlanMismatch(String),
     #[error("{0}")]
     Other(String),
 }

@@ -28,7 +28,10 @@ use crate::flow::{
     self, Claims, Decision, Effect, Facts, Failure, Limits, PassFacts, Pinning, Stage, Then,
 };
 use crate::openebs::{CSI_DRIVER, ZFSVolume};
-use crate::plan::rebind::{move_pv, pinning, pv_on_node, reclaim_policy};
+use crate::plan::rebind::{
+    RecordedPv, check_recorded_owner, check_recorded_pinning, check_recorded_pv, move_pv, pinning,
+    pv_on_node, reclaim_policy,
+};
 use crate::plan::snapshot_name;
 use crate::transfer::client::{SendJob, TransferError};
 use crate::transfer::protocol::{
@@ -372,10 +375,12 @@ async fn perform(
         Effect::Nothing => {}
         Effect::AbortTransfers => ctx.transfers.abort(&uid(m)),
         Effect::Snapshot => {
+            check_live(ctx, m, plan).await?;
             let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
             take_snapshots(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
         }
         Effect::StartPass => {
+            check_live(ctx, m, plan).await?;
             let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
             start_pass(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
         }
@@ -384,6 +389,7 @@ async fn perform(
             let snapshot = snapshot.unwrap_or_default();
             // The fault tests stop the target here, with the workload already down.
             fail::fail_point!("before-final-pass");
+            check_live(ctx, m, plan).await?;
             take_snapshots(ctx, m, plan, &snapshot).await?;
             start_pass(ctx, m, plan, &snapshot).await?;
         }
@@ -419,8 +425,7 @@ async fn perform(
             ));
             let e = ends(ctx, plan).await?;
             for b in next.cutover.iter().flat_map(|c| &c.volumes) {
-                let (from, to) = e.nodes_of(b);
-                rebind(ctx, b, from, to, Some(&e.target_parent)).await?;
+                rebind(ctx, m, &e, b, true).await?;
             }
         }
         Effect::RecordPinning | Effect::PinToTarget => {
@@ -445,7 +450,7 @@ async fn perform(
         Effect::RebindToSource => {
             let e = ends(ctx, plan).await?;
             for b in next.cutover.iter().flat_map(|c| &c.volumes) {
-                rebind(ctx, b, "", e.nodes_of(b).0, None).await?;
+                rebind(ctx, m, &e, b, false).await?;
             }
         }
         Effect::RestorePinning => {
@@ -456,6 +461,13 @@ async fn perform(
             {
                 let patch: serde_json::Value =
                     serde_json::from_str(original).map_err(|e| Error::Other(e.to_string()))?;
+                // Merged into the pod template: only ever node pinning back to the source.
+                let source_node = ends(ctx, plan).await?.source_node;
+                check_recorded_pinning(&patch, &source_node).map_err(|why| {
+                    Error::PlanMismatch(format!(
+                        "the original placement recorded in status is not restored: {why}"
+                    ))
+                })?;
                 w.patch_pod_spec(&patch).await?;
             }
         }
@@ -682,6 +694,15 @@ async fn record(
     Ok(action)
 }
 
+/// The plan in status, checked against the live objects before anything named in it is
+/// snapshotted or sent ([`crate::plan::check_live`]).
+async fn check_live(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<(), Error> {
+    let ns = m.namespace().unwrap_or_default();
+    let obs =
+        crate::plan::observe::observe(&ctx.client, &ns, &ctx.config.openebs_namespace).await?;
+    crate::plan::check_live(&obs, m, plan).map_err(|e| Error::PlanMismatch(e.message))
+}
+
 /// Maps an effect's error to a failure reason for [`flow::on_error`].
 fn classify(ctx: &Ctx, e: &Error) -> Failure {
     match e {
@@ -700,6 +721,11 @@ fn classify(ctx: &Ctx, e: &Error) -> Failure {
         },
         Error::InvalidSpec(message) => Failure {
             reason: Reason::InvalidSpec,
+            retryable: false,
+            message: message.clone(),
+        },
+        Error::PlanMismatch(message) => Failure {
+            reason: Reason::PlanMismatch,
             retryable: false,
             message: message.clone(),
         },
@@ -866,6 +892,10 @@ struct Ends {
     target_zfs_node: String,
     target_parent: String,
     target_endpoint: String,
+    source_pool: String,
+    /// Mountpoints of the two pools, as the agents publish them: a local PV's path lies below.
+    source_pool_mountpoint: Option<String>,
+    target_pool_mountpoint: Option<String>,
 }
 
 impl Ends {
@@ -882,9 +912,16 @@ impl Ends {
 
 async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
     let machines: Api<Machine> = Api::all(ctx.client.clone());
-    let source = machines.get(&plan.source).await?.spec;
-    let target = machines.get(&plan.target).await?.spec;
+    let source = machines.get(&plan.source).await?;
+    let target = machines.get(&plan.target).await?;
+    let pool_mountpoint = |m: &Machine| m.status.as_ref().and_then(|s| s.pool_mountpoint.clone());
+    let (source_pool_mountpoint, target_pool_mountpoint) =
+        (pool_mountpoint(&source), pool_mountpoint(&target));
+    let (source, target) = (source.spec, target.spec);
     Ok(Ends {
+        source_pool: source.pool.clone(),
+        source_pool_mountpoint,
+        target_pool_mountpoint,
         source_zfs_node: source.zfs_node_id().to_string(),
         target_zfs_node: target.zfs_node_id().to_string(),
         source_node: source.node_name,
@@ -941,17 +978,76 @@ async fn bindings(ctx: &Ctx, plan: &MigrationPlan) -> Result<Vec<VolumeBinding>,
     Ok(out)
 }
 
-/// Points a volume at `to_node` (cutover), or back at the source (rollback: `to_parent`
-/// unset, and the original objects restored as recorded).
+/// Points a volume at the target (cutover), or back at the source (rollback: the original
+/// objects restored as recorded). The record comes from status, so it is checked first: the
+/// claim's own PV, of a kind ployz moves, on the source, with a path below the source's pool;
+/// the target path below the target's pool; a zfs-localpv owner on the source's pool.
 async fn rebind(
     ctx: &Ctx,
+    m: &Migration,
+    e: &Ends,
     b: &VolumeBinding,
-    from_node: &str,
-    to_node: &str,
-    to_parent: Option<&str>,
+    to_target: bool,
 ) -> Result<(), Error> {
     let original: PersistentVolume = serde_json::from_str(&b.original_spec)
         .map_err(|e| Error::Other(format!("recorded PV {}: {e}", b.volume)))?;
+    let ns = m.namespace().unwrap_or_default();
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let claim_uid = claims.get_opt(&b.claim).await?.and_then(|c| c.metadata.uid);
+    let (from_node, to_node) = if to_target {
+        e.nodes_of(b)
+    } else {
+        ("", e.nodes_of(b).0)
+    };
+    let untrusted = |why: String| {
+        Error::PlanMismatch(format!(
+            "PersistentVolume {} as recorded in status is not re-created: {why}",
+            b.volume
+        ))
+    };
+    check_recorded_pv(
+        &original,
+        &RecordedPv {
+            volume: &b.volume,
+            namespace: &ns,
+            claim: &b.claim,
+            claim_uid: claim_uid.as_deref(),
+            node: e.nodes_of(b).0,
+            pool_mountpoint: e.source_pool_mountpoint.as_deref(),
+        },
+    )
+    .map_err(untrusted)?;
+    let is_local = original.spec.as_ref().is_some_and(|s| s.local.is_some());
+    if to_target && is_local {
+        let path = b.target_path.as_deref().unwrap_or_default();
+        let below = e.target_pool_mountpoint.as_deref().is_some_and(|mp| {
+            mp.starts_with('/')
+                && path.starts_with(&format!("{}/", mp.trim_end_matches('/')))
+                && !path.split('/').any(|c| c == "..")
+        });
+        if !below {
+            return Err(untrusted(format!(
+                "its target path {path:?} is not below the target pool's mountpoint {:?}",
+                e.target_pool_mountpoint
+            )));
+        }
+    }
+    let to_parent = to_target.then_some(e.target_parent.as_str());
+    // The ZFSVolume's owner, decided (and checked) before anything is written.
+    let owner_patch = match (&b.original_zfs_volume, to_parent) {
+        (None, _) => None,
+        (Some(_), Some(parent)) => {
+            Some(json!({"spec": {"ownerNodeID": to_node, "poolName": parent}}))
+        }
+        (Some(original_zv), None) => {
+            let spec: serde_json::Value =
+                serde_json::from_str(original_zv).map_err(|e| Error::Other(e.to_string()))?;
+            check_recorded_owner(&spec, &e.source_zfs_node, &e.source_pool).map_err(untrusted)?;
+            Some(
+                json!({"spec": {"ownerNodeID": spec["ownerNodeID"], "poolName": spec["poolName"]}}),
+            )
+        }
+    };
     let pvs: Api<PersistentVolume> = Api::all(ctx.client.clone());
     let current = pvs.get_opt(&b.volume).await?;
     let wanted = match to_parent {
@@ -974,21 +1070,13 @@ async fn rebind(
     if !done {
         replace_pv(&ctx.client, &wanted).await?;
     }
-    if let Some(original_zv) = &b.original_zfs_volume {
+    if let Some(patch) = owner_patch {
         let handle = original
             .spec
             .as_ref()
             .and_then(|s| s.csi.as_ref())
             .map(|c| c.volume_handle.clone())
             .unwrap_or_default();
-        let patch = match to_parent {
-            Some(parent) => json!({"spec": {"ownerNodeID": to_node, "poolName": parent}}),
-            None => {
-                let spec: serde_json::Value =
-                    serde_json::from_str(original_zv).map_err(|e| Error::Other(e.to_string()))?;
-                json!({"spec": {"ownerNodeID": spec["ownerNodeID"], "poolName": spec["poolName"]}})
-            }
-        };
         let api: Api<ZFSVolume> =
             Api::namespaced(ctx.client.clone(), &ctx.config.openebs_namespace);
         api.patch(&handle, &PatchParams::default(), &Patch::Merge(patch))

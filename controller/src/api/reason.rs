@@ -49,6 +49,9 @@ pub enum Reason {
     SourceUnreachable,
     /// The operator ended it (`ployzctl migrate abandon`).
     Abandoned,
+    /// What status says (the plan, a recorded PV or placement) is not what the live objects
+    /// say: something other than the agents wrote it. Nothing is acted on from it.
+    PlanMismatch,
 }
 
 impl Reason {

@@ -222,6 +222,63 @@ pub fn plan(obs: &Observed, m: &Migration) -> Result<Planned, PlanError> {
     })
 }
 
+/// Checks the plan in status against the live objects, as the planner would resolve them now:
+/// the workload `spec.service` names, the claims it mounts, the PVs bound back to them, their
+/// datasets, all on the plan's source machine. Status is writable by more than the agents, so
+/// the executor runs this before it snapshots or sends anything named in the plan.
+pub fn check_live(obs: &Observed, m: &Migration, plan: &MigrationPlan) -> Result<(), PlanError> {
+    let mismatch = |what: String| {
+        PlanError::new(
+            Reason::PlanMismatch,
+            format!(
+                "the plan in status {what}: status was changed by something other than the planner, or the workload changed since; nothing was snapshotted or sent"
+            ),
+        )
+    };
+    let w = resolve::workload(obs, &m.spec.service)?;
+    if w.reference != plan.workload {
+        return Err(mismatch(format!(
+            "moves {} {}, but spec.service {} is {} {}",
+            plan.workload.kind,
+            plan.workload.name,
+            m.spec.service,
+            w.reference.kind,
+            w.reference.name
+        )));
+    }
+    let found = resolve::volumes(obs, &w)?;
+    let live: std::collections::BTreeSet<(&str, &str, &str)> = found
+        .iter()
+        .map(|v| (v.claim.as_str(), v.volume.as_str(), v.dataset.as_str()))
+        .collect();
+    let planned: std::collections::BTreeSet<(&str, &str, &str)> = plan
+        .volumes
+        .iter()
+        .map(|v| {
+            (
+                v.claim.as_str(),
+                v.volume.as_str(),
+                v.source_dataset.as_str(),
+            )
+        })
+        .collect();
+    if live != planned {
+        return Err(mismatch(format!(
+            "names (claim, volume, dataset) {planned:?}, but the live objects say {live:?}"
+        )));
+    }
+    if let Some(v) = found.iter().find(|v| {
+        resolve::machine_of_node(&obs.machines, &v.node).map(resolve::name_of)
+            != Some(plan.source.as_str())
+    }) {
+        return Err(mismatch(format!(
+            "moves from {}, but volume {} is on node {}",
+            plan.source, v.volume, v.node
+        )));
+    }
+    Ok(())
+}
+
 /// One active Migration per workload, and per volume (two workloads of a namespace may share
 /// a claim): an older one that is not finished wins. Claims bind a PV to one namespace, so
 /// the namespace's Migrations are every Migration that could plan these volumes.

@@ -115,3 +115,137 @@ pub fn pinning(template: &PodTemplateSpec, from: &str, to: &str) -> Option<Pinni
         original: Value::Object(original),
     })
 }
+
+/// What a PV recorded in status must be before ployz re-creates it from the record: the
+/// claim's own PV, of a kind ployz moves, on the machine it came from. Status is writable by
+/// more than the agents, so a record that is anything else (a hostPath, another claim's PV, a
+/// path outside the pool) is refused rather than created.
+#[derive(Debug, Clone, Copy)]
+pub struct RecordedPv<'a> {
+    pub volume: &'a str,
+    pub namespace: &'a str,
+    pub claim: &'a str,
+    /// The live claim's UID, when the claim exists.
+    pub claim_uid: Option<&'a str>,
+    /// The node (or zfs-localpv node ID) the PV was on.
+    pub node: &'a str,
+    /// Mountpoint of that machine's pool: a local PV's path lies below it.
+    pub pool_mountpoint: Option<&'a str>,
+}
+
+/// The fields of a PV spec that ployz moves as they are; anything else in a recorded spec
+/// (`hostPath`, `nfs`, ...) was not written by ployz.
+const PV_SPEC_FIELDS: [&str; 11] = [
+    "accessModes",
+    "capacity",
+    "claimRef",
+    "csi",
+    "local",
+    "mountOptions",
+    "nodeAffinity",
+    "persistentVolumeReclaimPolicy",
+    "storageClassName",
+    "volumeAttributesClassName",
+    "volumeMode",
+];
+
+/// Checks a recorded PV against what it must be (see [`RecordedPv`]).
+pub fn check_recorded_pv(pv: &PersistentVolume, want: &RecordedPv<'_>) -> Result<(), String> {
+    if pv.metadata.name.as_deref() != Some(want.volume) {
+        return Err(format!(
+            "it is named {:?}, not {}",
+            pv.metadata.name, want.volume
+        ));
+    }
+    let spec = pv.spec.as_ref().ok_or("it has no spec")?;
+    if let Ok(Value::Object(fields)) = serde_json::to_value(spec)
+        && let Some(field) = fields
+            .keys()
+            .find(|k| !PV_SPEC_FIELDS.contains(&k.as_str()))
+    {
+        return Err(format!("it sets spec.{field}, which ployz never records"));
+    }
+    let claim = spec.claim_ref.as_ref().ok_or("it is bound to no claim")?;
+    let uid_ok = match (claim.uid.as_deref(), want.claim_uid) {
+        (Some(a), Some(b)) => a == b,
+        _ => true,
+    };
+    if claim.namespace.as_deref() != Some(want.namespace)
+        || claim.name.as_deref() != Some(want.claim)
+        || !uid_ok
+    {
+        return Err(format!(
+            "it is bound to claim {}/{} (uid {:?}), not to {}/{}",
+            claim.namespace.as_deref().unwrap_or("?"),
+            claim.name.as_deref().unwrap_or("?"),
+            claim.uid,
+            want.namespace,
+            want.claim
+        ));
+    }
+    match (&spec.local, &spec.csi) {
+        (Some(local), None) => {
+            let below = want.pool_mountpoint.is_some_and(|mp| {
+                mp.starts_with('/')
+                    && local
+                        .path
+                        .starts_with(&format!("{}/", mp.trim_end_matches('/')))
+                    && !local.path.split('/').any(|c| c == "..")
+            });
+            if !below {
+                return Err(format!(
+                    "its path {} is not below the pool's mountpoint {:?}",
+                    local.path, want.pool_mountpoint
+                ));
+            }
+        }
+        (None, Some(csi)) if csi.driver == crate::openebs::CSI_DRIVER => {
+            if csi.volume_handle != want.volume {
+                return Err(format!(
+                    "its volume handle {} is not {}",
+                    csi.volume_handle, want.volume
+                ));
+            }
+        }
+        _ => return Err("it is neither a local nor a zfs-localpv volume".into()),
+    }
+    if !pv_on_node(pv, want.node) {
+        return Err(format!("its node affinity does not name {}", want.node));
+    }
+    Ok(())
+}
+
+/// A recorded original placement may only pin the pods back to `node`: `nodeName` and
+/// `nodeSelector` values naming it, nothing else (it is merged into the pod template).
+pub fn check_recorded_pinning(original: &Value, node: &str) -> Result<(), String> {
+    let fields = original.as_object().ok_or("it is not an object")?;
+    for (field, value) in fields {
+        let ok = match field.as_str() {
+            "nodeName" => value.as_str() == Some(node),
+            "nodeSelector" => value
+                .as_object()
+                .is_some_and(|m| m.values().all(|v| v.as_str() == Some(node))),
+            _ => false,
+        };
+        if !ok {
+            return Err(format!(
+                "it sets {field}: {value}, which is not pinning to {node}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A recorded zfs-localpv owner (the ZFSVolume's `ownerNodeID` and `poolName`, restored on
+/// rollback) must name the source machine and a dataset of its pool.
+pub fn check_recorded_owner(spec: &Value, node_id: &str, pool: &str) -> Result<(), String> {
+    let owner = spec["ownerNodeID"].as_str().unwrap_or_default();
+    let pool_name = spec["poolName"].as_str().unwrap_or_default();
+    if owner != node_id {
+        return Err(format!("its ownerNodeID {owner:?} is not {node_id}"));
+    }
+    if pool_name != pool && !pool_name.starts_with(&format!("{pool}/")) {
+        return Err(format!("its poolName {pool_name:?} is not in pool {pool}"));
+    }
+    Ok(())
+}

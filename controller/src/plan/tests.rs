@@ -364,3 +364,89 @@ fn a_volume_already_being_moved_by_another_workload_s_migration_is_a_duplicate()
         Some(Reason::DuplicateMigration)
     );
 }
+
+#[test]
+fn recorded_pvs_are_re_created_only_when_they_are_the_claim_s_own() {
+    let want = super::rebind::RecordedPv {
+        volume: "pv-1",
+        namespace: "ns",
+        claim: "data",
+        claim_uid: Some("u1"),
+        node: "a",
+        pool_mountpoint: Some("/tank"),
+    };
+    let check = |pv: &PersistentVolume| super::rebind::check_recorded_pv(pv, &want);
+    assert_eq!(check(&pv("pv-1", "a", "/tank/ployz/pv-1")), Ok(()));
+    for (pv, why) in [
+        (pv("pv-2", "a", "/tank/ployz/pv-1"), "named"),
+        (pv("pv-1", "b", "/tank/ployz/pv-1"), "node affinity"),
+        (pv("pv-1", "a", "/etc"), "not below the pool"),
+        (pv("pv-1", "a", "/tank/../etc"), "not below the pool"),
+    ] {
+        let e = check(&pv).err().unwrap_or_default();
+        assert!(e.contains(why), "{why}: {e}");
+    }
+    let mut host_path = pv("pv-1", "a", "/tank/ployz/pv-1");
+    if let Some(s) = host_path.spec.as_mut() {
+        s.host_path = Some(de(json!({"path": "/"})));
+    }
+    assert!(check(&host_path).is_err_and(|e| e.contains("spec.hostPath")));
+    let mut foreign = pv("pv-1", "a", "/tank/ployz/pv-1");
+    if let Some(r) = foreign.spec.as_mut().and_then(|s| s.claim_ref.as_mut()) {
+        r.namespace = Some("victim".into());
+    }
+    assert!(check(&foreign).is_err_and(|e| e.contains("victim/data")));
+    let mut recreated = pv("pv-1", "a", "/tank/ployz/pv-1");
+    if let Some(r) = recreated.spec.as_mut().and_then(|s| s.claim_ref.as_mut()) {
+        r.uid = Some("u9".into());
+    }
+    assert!(check(&recreated).is_err());
+}
+
+#[test]
+fn recorded_pinning_and_owner_name_only_the_source() {
+    use super::rebind::{check_recorded_owner, check_recorded_pinning};
+    let ok = json!({"nodeSelector": {"kubernetes.io/hostname": "a"}, "nodeName": "a"});
+    assert_eq!(check_recorded_pinning(&ok, "a"), Ok(()));
+    for bad in [
+        json!({"nodeSelector": {"kubernetes.io/hostname": "b"}}),
+        json!({"containers": [{"name": "x", "image": "evil"}]}),
+        json!({"hostNetwork": true}),
+        json!("nodeName"),
+    ] {
+        assert!(check_recorded_pinning(&bad, "a").is_err(), "{bad}");
+    }
+    let owner = json!({"ownerNodeID": "disk-1", "poolName": "tank/ployz"});
+    assert_eq!(check_recorded_owner(&owner, "disk-1", "tank"), Ok(()));
+    assert!(check_recorded_owner(&owner, "disk-2", "tank").is_err());
+    assert!(check_recorded_owner(&owner, "disk-1", "other").is_err());
+    let sneaky = json!({"ownerNodeID": "disk-1", "poolName": "tankard"});
+    assert!(check_recorded_owner(&sneaky, "disk-1", "tank").is_err());
+}
+
+#[test]
+fn a_plan_is_checked_against_the_live_objects() {
+    let obs = observed();
+    let m = migration("m", "web", "b", None);
+    let planned = plan(&obs, &m).unwrap_or_else(|e| panic!("{e}")).plan;
+    assert_eq!(check_live(&obs, &m, &planned), Ok(()));
+    let mut forged = planned.clone();
+    forged.volumes[0].source_dataset = "tank/secret".into();
+    let e = check_live(&obs, &m, &forged).err();
+    assert_eq!(e.as_ref().map(|e| e.reason), Some(Reason::PlanMismatch));
+    assert!(e.is_some_and(|e| e.message.contains("tank/secret")));
+    let mut other_workload = planned.clone();
+    other_workload.workload.name = "db".into();
+    assert_eq!(
+        check_live(&obs, &m, &other_workload)
+            .err()
+            .map(|e| e.reason),
+        Some(Reason::PlanMismatch)
+    );
+    let mut elsewhere = planned;
+    elsewhere.source = "b".into();
+    assert_eq!(
+        check_live(&obs, &m, &elsewhere).err().map(|e| e.reason),
+        Some(Reason::PlanMismatch)
+    );
+}
