@@ -132,18 +132,29 @@ pub async fn create_local_volume(
         &local_pv(&vol, &machine.name, None)?,
     )
     .await?;
+    create_claim_naming(client, namespace, claim, &vol.pv).await?;
+    Ok(vol)
+}
+
+/// Creates claim `claim` in `namespace` that names PersistentVolume `pv` (`spec.volumeName`).
+pub async fn create_claim_naming(
+    client: &Client,
+    namespace: &str,
+    claim: &str,
+    pv: &str,
+) -> Result<()> {
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), namespace);
     let pvc: PersistentVolumeClaim = serde_json::from_value(json!({
         "metadata": {"name": claim},
         "spec": {
             "accessModes": ["ReadWriteOnce"],
             "storageClassName": "ployz-local",
-            "volumeName": vol.pv,
+            "volumeName": pv,
             "resources": {"requests": {"storage": "1Gi"}},
         },
     }))?;
     pvcs.create(&PostParams::default(), &pvc).await?;
-    Ok(vol)
+    Ok(())
 }
 
 /// The test app's container: `ledger` writing into `dir`, Ready once it answers over HTTP.

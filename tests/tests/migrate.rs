@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
+use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use kube::api::ListParams;
@@ -1454,17 +1454,12 @@ fn cross_namespace_volume(env: &mut Env) -> Result<()> {
 
     let tenant = "mig-tenant";
     env.block_on(k8s::create_namespace(&env.client, tenant))?;
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(env.client.clone(), tenant);
-    let stolen: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": "stolen"},
-        "spec": {
-            "accessModes": ["ReadWriteOnce"],
-            "storageClassName": "ployz-local",
-            "volumeName": vol.pv,
-            "resources": {"requests": {"storage": "1Gi"}},
-        },
-    }))?;
-    env.block_on(claims.create(&PostParams::default(), &stolen))?;
+    env.block_on(k8s::create_claim_naming(
+        &env.client,
+        tenant,
+        "stolen",
+        &vol.pv,
+    ))?;
     env.block_on(k8s::create_deployment_with(
         &env.client,
         tenant,

@@ -375,12 +375,12 @@ async fn perform(
         Effect::Nothing => {}
         Effect::AbortTransfers => ctx.transfers.abort(&uid(m)),
         Effect::Snapshot => {
-            check_live(ctx, m, plan).await?;
+            check_live(ctx, m, plan, None).await?;
             let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
             take_snapshots(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
         }
         Effect::StartPass => {
-            check_live(ctx, m, plan).await?;
+            check_live(ctx, m, plan, None).await?;
             let snapshot = next.pre_copy.as_ref().map(|p| p.snapshot.clone());
             start_pass(ctx, m, plan, &snapshot.unwrap_or_default()).await?;
         }
@@ -389,7 +389,8 @@ async fn perform(
             let snapshot = snapshot.unwrap_or_default();
             // The fault tests stop the target here, with the workload already down.
             fail::fail_point!("before-final-pass");
-            check_live(ctx, m, plan).await?;
+            let scaled_from = next.cutover.as_ref().map(|c| c.original_replicas);
+            check_live(ctx, m, plan, scaled_from).await?;
             take_snapshots(ctx, m, plan, &snapshot).await?;
             start_pass(ctx, m, plan, &snapshot).await?;
         }
@@ -696,11 +697,16 @@ async fn record(
 
 /// The plan in status, checked against the live objects before anything named in it is
 /// snapshotted or sent ([`crate::plan::check_live`]).
-async fn check_live(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Result<(), Error> {
+async fn check_live(
+    ctx: &Ctx,
+    m: &Migration,
+    plan: &MigrationPlan,
+    scaled_from: Option<i32>,
+) -> Result<(), Error> {
     let ns = m.namespace().unwrap_or_default();
     let obs =
         crate::plan::observe::observe(&ctx.client, &ns, &ctx.config.openebs_namespace).await?;
-    crate::plan::check_live(&obs, m, plan).map_err(|e| Error::PlanMismatch(e.message))
+    crate::plan::check_live(&obs, m, plan, scaled_from).map_err(|e| Error::PlanMismatch(e.message))
 }
 
 /// Maps an effect's error to a failure reason for [`flow::on_error`].
@@ -1174,12 +1180,25 @@ async fn retire_source(
             plan.source
         )));
     }
+    // The plan comes from status: only a dataset that this Migration itself snapshotted for
+    // its final pass (a name with its UID, taken only after the plan was checked against the
+    // live objects) is retired.
+    let final_snapshot = crate::plan::snapshot_name(&uid(m), None);
     for v in &plan.volumes {
         let ds = dataset(&v.source_dataset)?;
+        let inv = ctx.zfs.inventory(&ds, &ctx.info).await?;
+        let moved = inv
+            .datasets
+            .get(&ds)
+            .is_some_and(|d| d.snapshots.iter().any(|s| s.name.short() == final_snapshot));
+        if !moved {
+            return Err(Error::PlanMismatch(format!(
+                "{ds} has no snapshot @{final_snapshot}, so this Migration did not move it; its copy is left as it is"
+            )));
+        }
         match copy {
             SourceCopy::Replica => mark_replica(ctx, &ds, &key(m)).await?,
             SourceCopy::Delete => {
-                let inv = ctx.zfs.inventory(&ds, &ctx.info).await?;
                 let children: Vec<String> = inv
                     .datasets
                     .keys()

@@ -226,7 +226,14 @@ pub fn plan(obs: &Observed, m: &Migration) -> Result<Planned, PlanError> {
 /// the workload `spec.service` names, the claims it mounts, the PVs bound back to them, their
 /// datasets, all on the plan's source machine. Status is writable by more than the agents, so
 /// the executor runs this before it snapshots or sends anything named in the plan.
-pub fn check_live(obs: &Observed, m: &Migration, plan: &MigrationPlan) -> Result<(), PlanError> {
+/// `scaled_from`: the replicas the cutover scaled the workload down from (a StatefulSet at
+/// zero replicas names no claims of its own).
+pub fn check_live(
+    obs: &Observed,
+    m: &Migration,
+    plan: &MigrationPlan,
+    scaled_from: Option<i32>,
+) -> Result<(), PlanError> {
     let mismatch = |what: String| {
         PlanError::new(
             Reason::PlanMismatch,
@@ -235,7 +242,19 @@ pub fn check_live(obs: &Observed, m: &Migration, plan: &MigrationPlan) -> Result
             ),
         )
     };
-    let w = resolve::workload(obs, &m.spec.service)?;
+    let mut w = resolve::workload(obs, &m.spec.service)?;
+    if let Some(n) = scaled_from.filter(|n| *n > 0 && w.replicas == 0) {
+        // A forged count only names claims that must exist and be bound back to this
+        // namespace; the volumes found are compared with the plan all the same.
+        let mut scaled = obs.clone();
+        let named = |s: &&mut StatefulSet| s.metadata.name.as_deref() == Some(&w.reference.name);
+        for s in scaled.statefulsets.iter_mut().filter(named) {
+            if let Some(spec) = s.spec.as_mut() {
+                spec.replicas = Some(n);
+            }
+        }
+        w = resolve::workload(&scaled, &m.spec.service)?;
+    }
     if w.reference != plan.workload {
         return Err(mismatch(format!(
             "moves {} {}, but spec.service {} is {} {}",

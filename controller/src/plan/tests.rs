@@ -429,16 +429,16 @@ fn a_plan_is_checked_against_the_live_objects() {
     let obs = observed();
     let m = migration("m", "web", "b", None);
     let planned = plan(&obs, &m).unwrap_or_else(|e| panic!("{e}")).plan;
-    assert_eq!(check_live(&obs, &m, &planned), Ok(()));
+    assert_eq!(check_live(&obs, &m, &planned, None), Ok(()));
     let mut forged = planned.clone();
     forged.volumes[0].source_dataset = "tank/secret".into();
-    let e = check_live(&obs, &m, &forged).err();
+    let e = check_live(&obs, &m, &forged, None).err();
     assert_eq!(e.as_ref().map(|e| e.reason), Some(Reason::PlanMismatch));
     assert!(e.is_some_and(|e| e.message.contains("tank/secret")));
     let mut other_workload = planned.clone();
     other_workload.workload.name = "db".into();
     assert_eq!(
-        check_live(&obs, &m, &other_workload)
+        check_live(&obs, &m, &other_workload, None)
             .err()
             .map(|e| e.reason),
         Some(Reason::PlanMismatch)
@@ -446,7 +446,9 @@ fn a_plan_is_checked_against_the_live_objects() {
     let mut elsewhere = planned;
     elsewhere.source = "b".into();
     assert_eq!(
-        check_live(&obs, &m, &elsewhere).err().map(|e| e.reason),
+        check_live(&obs, &m, &elsewhere, None)
+            .err()
+            .map(|e| e.reason),
         Some(Reason::PlanMismatch)
     );
 }

@@ -63,8 +63,8 @@ impl ZfsCli {
         format!("zfs {}", words.join(" "))
     }
 
-    /// Runs to completion; stdout on success, a classified error otherwise.
-    async fn run<S: AsRef<str>>(&self, args: &[S]) -> Result<String, ZfsError> {
+    /// Runs to completion; stdout and stderr on success, a classified error otherwise.
+    async fn run_both<S: AsRef<str>>(&self, args: &[S]) -> Result<(String, String), ZfsError> {
         let what = Self::describe(args);
         let out = self
             .command(args)
@@ -74,14 +74,17 @@ impl ZfsCli {
                 command: what.clone(),
                 source,
             })?;
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok((String::from_utf8_lossy(&out.stdout).into_owned(), stderr))
         } else {
-            Err(ZfsError::from_stderr(
-                &what,
-                &String::from_utf8_lossy(&out.stderr),
-            ))
+            Err(ZfsError::from_stderr(&what, &stderr))
         }
+    }
+
+    /// Runs to completion; stdout on success, a classified error otherwise.
+    async fn run<S: AsRef<str>>(&self, args: &[S]) -> Result<String, ZfsError> {
+        self.run_both(args).await.map(|(stdout, _)| stdout)
     }
 
     /// Retries while the dataset is busy (a receive finishing, a mount in use).
@@ -334,21 +337,8 @@ impl Zfs for ZfsCli {
 
     async fn resume_token(&self, token: &str) -> Result<ResumeToken, ZfsError> {
         let args = ["send", "-n", "-v", "-t", token];
-        let what = Self::describe(&args);
-        let out = self
-            .command(&args)
-            .output()
-            .await
-            .map_err(|source| ZfsError::Io {
-                command: what.clone(),
-                source,
-            })?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        if !out.status.success() {
-            return Err(ZfsError::from_stderr(&what, &stderr));
-        }
-        let both = format!("{}\n{stderr}", String::from_utf8_lossy(&out.stdout));
-        parse::resume_token(&what, &both)
+        let (stdout, stderr) = self.run_both(&args).await?;
+        parse::resume_token(&Self::describe(&args), &format!("{stdout}\n{stderr}"))
     }
 
     async fn abort_receive(&self, dataset: &DatasetName) -> Result<(), ZfsError> {
