@@ -103,6 +103,10 @@ fn main() -> ExitCode {
                 cross_namespace_volume,
             ),
             ("hostile_plan_forged_in_status_moves_nothing", forged_plan),
+            (
+                "hostile_out_of_file_descriptors_the_agent_pauses_and_serves_again",
+                out_of_descriptors,
+            ),
         ],
     )
 }
@@ -1551,4 +1555,98 @@ fn forged_plan(env: &mut Env) -> Result<()> {
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     wait_unlocked(env, ns)?;
     app_intact(&app, env.machine(A)?, &vol.path)
+}
+
+/// `prlimit` on a running process: `--nofile=SOFT:HARD`.
+fn set_nofile(pid: u32, soft: &str, hard: &str) -> Result<()> {
+    ployz_e2e::process::run(std::process::Command::new("prlimit").args([
+        "--pid",
+        &pid.to_string(),
+        &format!("--nofile={soft}:{hard}"),
+    ]))
+    .map(drop)
+}
+
+/// machine-b's agent runs out of file descriptors while strangers hold connections to its
+/// receive port: accept fails with EMFILE. The agent logs it, pauses and goes on (before,
+/// the failed accept ended the agent); given descriptors again, it completes a TLS handshake
+/// on the same port.
+fn out_of_descriptors(env: &mut Env) -> Result<()> {
+    const FAILED: &str = "accepting a transfer connection failed";
+    let ag = agents(env)?;
+    let pid = {
+        let running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter()
+            .find(|a| a.machine == B)
+            .map(Agent::pid)
+            .context("no agent on machine-b")?
+    };
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits"))?;
+    let (soft, hard) = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
+        })
+        .context("no open-files limit")?;
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let log = env.logs.join(format!("agent-{B}.log"));
+    let failures =
+        || -> Result<usize> { Ok(std::fs::read_to_string(&log)?.matches(FAILED).count()) };
+    let before = failures()?;
+    let tight = (open + 2).to_string();
+    // The soft limit only: raising a hard limit again needs CAP_SYS_RESOURCE.
+    set_nofile(pid, &tight, &hard)?;
+    let addr = std::net::SocketAddr::from((env.machine(B)?.ip(), ployz_e2e::agents::AGENT_PORT));
+    let net = env.machine(A)?.net.clone();
+    let held = env.block_on(async {
+        let mut held = vec![];
+        for _ in 0..24 {
+            held.push(connect_from(net.clone(), addr).await?);
+        }
+        anyhow::Ok(held)
+    });
+    let seen = match &held {
+        Ok(_) => wait_for(
+            "the agent to fail an accept",
+            Duration::from_secs(30),
+            || Ok(failures()? > before),
+        ),
+        Err(e) => Err(anyhow::anyhow!("connecting: {e:#}")),
+    };
+    let running = {
+        let mut running = ag.running.lock().unwrap_or_else(|p| p.into_inner());
+        running
+            .iter_mut()
+            .find(|a| a.machine == B)
+            .map(Agent::check_running)
+            .context("no agent on machine-b")?
+    };
+    drop(held);
+    let restored = set_nofile(pid, &soft, &hard);
+    // Before the fix the failed accept ended the agent: that is the error to report.
+    running?;
+    seen?;
+    restored?;
+    eprintln!(
+        "    EMFILE logged {} time(s), the agent kept running",
+        failures()? - before
+    );
+    let identity = ag.ca.identity(A)?;
+    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    env.block_on(until(
+        "a TLS handshake on machine-b's receive port",
+        Duration::from_secs(30),
+        || {
+            let (net, connector) = (net.clone(), connector.clone());
+            async move {
+                let tcp = connect_from(net, addr).await?;
+                let name = ployz::transfer::tls::server_name(B)?;
+                Ok(connector.connect(name, tcp).await.ok().map(drop))
+            }
+        },
+    ))?;
+    http_get(env, B, "/readyz").map(drop)
 }
