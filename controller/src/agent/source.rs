@@ -1026,12 +1026,8 @@ async fn rebind(
     let is_local = original.spec.as_ref().is_some_and(|s| s.local.is_some());
     if to_target && is_local {
         let path = b.target_path.as_deref().unwrap_or_default();
-        let below = e.target_pool_mountpoint.as_deref().is_some_and(|mp| {
-            mp.starts_with('/')
-                && path.starts_with(&format!("{}/", mp.trim_end_matches('/')))
-                && !path.split('/').any(|c| c == "..")
-        });
-        if !below {
+        let mp = e.target_pool_mountpoint.as_deref();
+        if !mp.is_some_and(|mp| crate::plan::resolve::below(path, mp)) {
             return Err(untrusted(format!(
                 "its target path {path:?} is not below the target pool's mountpoint {:?}",
                 e.target_pool_mountpoint
@@ -1108,13 +1104,18 @@ async fn role_change(
     } else {
         match plan.volumes.iter().find(|v| v.claim == claim) {
             None => Err(format!("claim {claim} is not in the plan")),
-            Some(v) => match v.target_dataset.parse::<DatasetName>() {
-                Err(e) => Err(e.to_string()),
-                Ok(ds) => ctx
+            // Computed here, as the receiver does for a peer; status only names the volume.
+            Some(v) => match crate::transfer::authz::volume_dataset(&ctx.parent, &v.volume) {
+                Ok(ds) if ds.as_str() == v.target_dataset => ctx
                     .server
                     .change_role(&ds, action)
                     .await
                     .map_err(|e| e.to_string()),
+                Ok(ds) => Err(format!(
+                    "the plan puts claim {claim} at {}; this machine keeps it at {ds}",
+                    v.target_dataset
+                )),
+                Err(e) => Err(e),
             },
         }
     };

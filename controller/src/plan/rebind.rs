@@ -185,14 +185,10 @@ pub fn check_recorded_pv(pv: &PersistentVolume, want: &RecordedPv<'_>) -> Result
     }
     match (&spec.local, &spec.csi) {
         (Some(local), None) => {
-            let below = want.pool_mountpoint.is_some_and(|mp| {
-                mp.starts_with('/')
-                    && local
-                        .path
-                        .starts_with(&format!("{}/", mp.trim_end_matches('/')))
-                    && !local.path.split('/').any(|c| c == "..")
-            });
-            if !below {
+            if !want
+                .pool_mountpoint
+                .is_some_and(|mp| super::resolve::below(&local.path, mp))
+            {
                 return Err(format!(
                     "its path {} is not below the pool's mountpoint {:?}",
                     local.path, want.pool_mountpoint

@@ -198,6 +198,14 @@ fn no_spec(ns: &str, name: &str) -> PlanError {
 
 /// The dataset behind a local PV's path: below the pool's mountpoint, datasets inherit their
 /// mountpoints, so `/tank/a/b` on a pool `tank` mounted at `/tank` is `tank/a/b`.
+/// True when `path` lies strictly below the directory `dir` (both absolute, no `..`): where
+/// a volume may be mounted or point, checked against what status or a stream says.
+pub fn below(path: &str, dir: &str) -> bool {
+    dir.starts_with('/')
+        && path.starts_with(&format!("{}/", dir.trim_end_matches('/')))
+        && !path.split('/').any(|c| c == "..")
+}
+
 pub fn local_dataset(pool: &str, pool_mountpoint: &str, path: &str) -> Option<String> {
     let root = pool_mountpoint.trim_end_matches('/');
     let rest = path.strip_prefix(root)?.strip_prefix('/')?;

@@ -108,13 +108,6 @@ impl Drop for ActiveGuard<'_> {
     }
 }
 
-/// True when `path` lies strictly below the directory `dir` (both absolute).
-fn below(path: &str, dir: &str) -> bool {
-    dir.starts_with('/')
-        && path.starts_with(&format!("{}/", dir.trim_end_matches('/')))
-        && !path.split('/').any(|c| c == "..")
-}
-
 fn failure_of(e: &ZfsError) -> ReceiveFailure {
     match e {
         ZfsError::WrongBase(_) => ReceiveFailure::WrongBase,
@@ -587,7 +580,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         match (&parent_mp, &ds.mountpoint) {
             // `none` or `legacy`: ZFS mounts it nowhere.
             (_, m) if !m.as_deref().is_some_and(|m| m.starts_with('/')) => Ok(()),
-            (Some(p), Some(m)) if below(m, p) => Ok(()),
+            (Some(p), Some(m)) if crate::plan::resolve::below(m, p) => Ok(()),
             (p, m) => Err(uncontained(format!(
                 "its mountpoint {m:?} is not below {}'s mountpoint {p:?}",
                 self.config.parent
