@@ -14,7 +14,8 @@ use ployz::transfer::client::{SendJob, SendReport};
 use ployz::transfer::protocol::{MigrationKey, WireCompression};
 use ployz::zfs::{Zfs, ZfsCli};
 use ployz_e2e::agents::{
-    AgentCa, Receiver, connect_from, machine_zfs, sender, sending_migration, start_receiver,
+    Receiver, connect_from, identity, machine_zfs, publish_identity, sender, sending_migration,
+    start_receiver,
 };
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s;
@@ -74,6 +75,7 @@ struct Bench<'a> {
     env: &'a Env,
     receiver: Receiver,
     identity_a: ployz::transfer::tls::Identity,
+    pin_b: ployz::transfer::tls::Pin,
     zfs_b: ZfsCli,
     ssh_dir: std::path::PathBuf,
     _sshd: Proc,
@@ -82,13 +84,14 @@ struct Bench<'a> {
 fn bench(env: &Env) -> Result<String> {
     env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
     env.block_on(k8s::create_namespace(&env.client, NS))?;
-    let ca = AgentCa::new("bench")?;
     let (a, b) = (env.machine("machine-a")?, env.machine("machine-b")?);
+    let (identity_a, identity_b) = (identity("machine-a")?, identity("machine-b")?);
+    env.block_on(publish_identity(&env.client, "machine-a", &identity_a))?;
     let receiver = start_receiver(
         env,
         env.client.clone(),
         b,
-        &ca.identity("machine-b")?,
+        &identity_b,
         "tank/ployz",
         7443,
         Duration::from_secs(30),
@@ -100,7 +103,8 @@ fn bench(env: &Env) -> Result<String> {
     let bench = Bench {
         env,
         receiver,
-        identity_a: ca.identity("machine-a")?,
+        identity_a,
+        pin_b: identity_b.pin().clone(),
         zfs_b: machine_zfs(b),
         ssh_dir,
         _sshd: sshd,
@@ -226,6 +230,7 @@ impl Bench<'_> {
             },
             claim: "data".into(),
             target_machine: "machine-b".into(),
+            target_pin: Some(self.pin_b.clone()),
             dataset: format!("tank/ployz/{volume}").parse()?,
             to: to.into(),
             compression: WireCompression::None,

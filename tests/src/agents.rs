@@ -1,4 +1,4 @@
-//! Transfer agents inside the test machines: certificates from a test cluster CA, a receiver
+//! Transfer agents inside the test machines: keys pinned through Machines, a receiver
 //! listening in a machine's network namespace and running `zfs` in its mount namespace, and a
 //! sender connecting from another machine's namespace.
 
@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use ployz::api::{Machine, ZfsInfo};
@@ -16,11 +16,8 @@ use ployz::transfer::authz::KubeAuthorizer;
 use ployz::transfer::client::Sender;
 use ployz::transfer::gate::Limits;
 use ployz::transfer::server::{Server, ServerConfig};
-use ployz::transfer::tls::Identity;
+use ployz::transfer::tls::{Identity, Pin};
 use ployz::zfs::{DatasetName, Zfs, ZfsCli};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
-};
 use serde_json::json;
 
 use crate::env::Env;
@@ -29,49 +26,43 @@ use crate::network::join;
 use crate::process::Proc;
 use crate::wait::until;
 
-/// A cluster CA that issues agent certificates (what the Helm chart does in production).
-pub struct AgentCa {
-    ca: CertifiedIssuer<'static, KeyPair>,
+/// A new identity for `machine`, as its agent makes one at start.
+pub fn identity(machine: &str) -> Result<Identity> {
+    Ok(Identity::generate(machine)?)
 }
 
-impl std::fmt::Debug for AgentCa {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("AgentCa")
+/// Publishes `identity`'s key as `machine`'s, as its agent does (creating a Machine with a
+/// placeholder spec when there is none): what a receiver checks a sender against.
+pub async fn publish_identity(client: &Client, machine: &str, identity: &Identity) -> Result<()> {
+    let api: Api<Machine> = Api::all(client.clone());
+    if api.get_opt(machine).await?.is_none() {
+        let m: Machine = serde_json::from_value(json!({
+            "apiVersion": "ployz.dev/v1alpha1", "kind": "Machine",
+            "metadata": {"name": machine},
+            "spec": {"nodeName": machine, "pool": "tank", "parentDataset": "tank/ployz",
+                     "endpoint": "unused:0"},
+        }))?;
+        api.create(&PostParams::default(), &m).await?;
     }
+    api.patch_status(
+        machine,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"tlsPin": identity.pin().as_str()}})),
+    )
+    .await?;
+    Ok(())
 }
 
-impl AgentCa {
-    pub fn new(name: &str) -> Result<Self> {
-        let mut p = CertificateParams::new(vec![])?;
-        p.distinguished_name.push(DnType::CommonName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        Ok(Self {
-            ca: CertifiedIssuer::self_signed(p, KeyPair::generate()?)?,
-        })
-    }
-
-    /// An identity for `machine` (DNS SAN = machine name), trusting this CA.
-    pub fn identity(&self, machine: &str) -> Result<Identity> {
-        self.identity_trusting(machine, self)
-    }
-
-    /// An identity for `machine` signed by this CA, trusting `trust`'s CA (a stranger with its
-    /// own CA that trusts the cluster's looks like this).
-    pub fn identity_trusting(&self, machine: &str, trust: &AgentCa) -> Result<Identity> {
-        let mut p = CertificateParams::new(vec![machine.to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, machine);
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &self.ca)?;
-        Ok(Identity::from_pem(
-            &trust.ca.pem(),
-            &cert.pem(),
-            &key.serialize_pem(),
-        )?)
-    }
+/// The key `machine`'s agent publishes.
+pub async fn published_pin(client: &Client, machine: &str) -> Result<Pin> {
+    let api: Api<Machine> = Api::all(client.clone());
+    let pin = api
+        .get(machine)
+        .await?
+        .status
+        .and_then(|s| s.tls_pin)
+        .with_context(|| format!("Machine {machine} publishes no key"))?;
+    Ok(pin.parse()?)
 }
 
 /// `zfs` of a test machine, run inside its namespaces.
@@ -179,7 +170,7 @@ pub fn start_receiver(
 pub fn sender(env: &Env, machine: &ZfsMachine, identity: &Identity) -> Result<Sender<ZfsCli>> {
     let zfs = machine_zfs(machine);
     let info = env.block_on(zfs.info())?;
-    Ok(Sender::new(Arc::new(zfs), info, identity.client_config()?))
+    Ok(Sender::new(Arc::new(zfs), info, identity.clone()))
 }
 
 /// A TCP connection to `addr` made from `machine`'s network namespace.
@@ -238,34 +229,6 @@ pub async fn sending_migration(
     Ok(())
 }
 
-/// PEM files of an agent's identity.
-#[derive(Debug, Clone)]
-pub struct AgentTls {
-    pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-impl AgentCa {
-    /// Writes `machine`'s certificate, key and the CA into `dir`.
-    pub fn write_identity(&self, machine: &str, dir: &Path) -> Result<AgentTls> {
-        let mut p = CertificateParams::new(vec![machine.to_string()])?;
-        p.distinguished_name.push(DnType::CommonName, machine);
-        let key = KeyPair::generate()?;
-        let cert = p.signed_by(&key, &self.ca)?;
-        std::fs::create_dir_all(dir)?;
-        let tls = AgentTls {
-            ca: dir.join("ca.pem"),
-            cert: dir.join(format!("{machine}.pem")),
-            key: dir.join(format!("{machine}-key.pem")),
-        };
-        std::fs::write(&tls.ca, self.ca.pem())?;
-        std::fs::write(&tls.cert, cert.pem())?;
-        std::fs::write(&tls.key, key.serialize_pem())?;
-        Ok(tls)
-    }
-}
-
 /// A binary of the workspace, built (a no-op when fresh) by the cargo that runs the tests.
 pub fn workspace_binary(root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
     build_binary(root, package, bin, &[])
@@ -307,21 +270,19 @@ pub struct Agent {
 
 impl Agent {
     /// Starts the agent of `machine` and waits until its Machine is Ready.
-    pub fn start(env: &Env, ca: &AgentCa, machine: &str, extra: &[&str]) -> Result<Self> {
-        Self::start_with(env, ca, machine, extra, &[])
+    pub fn start(env: &Env, machine: &str, extra: &[&str]) -> Result<Self> {
+        Self::start_with(env, machine, extra, &[])
     }
 
     /// [`Agent::start`] with extra environment variables (FAILPOINTS of a fault test).
     pub fn start_with(
         env: &Env,
-        ca: &AgentCa,
         machine: &str,
         extra: &[&str],
         vars: &[(&str, &str)],
     ) -> Result<Self> {
-        let tls = ca.write_identity(machine, &env.state.join("agent-tls"))?;
         let bin = agent_binary(&env.root)?;
-        let mut cmd = Self::command(env, machine, &tls, (AGENT_PORT, AGENT_HTTP_PORT))?;
+        let mut cmd = Self::command(env, machine, (AGENT_PORT, AGENT_HTTP_PORT))?;
         cmd.envs(vars.iter().copied());
         cmd.args(["--heartbeat-seconds", "2"]).args(extra).env(
             "PLOYZ_LOG",
@@ -368,11 +329,10 @@ impl Agent {
     }
 
     /// The agent's command line on `machine`: in its namespaces, listening on its address
-    /// (transfer and health `ports`), with the environment's kubeconfig.
+    /// (transfer and health `ports`), with the environment's kubeconfig. It makes its own key.
     pub fn command(
         env: &Env,
         machine: &str,
-        tls: &AgentTls,
         (port, http_port): (u16, u16),
     ) -> Result<std::process::Command> {
         let m = env.machine(machine)?;
@@ -383,12 +343,6 @@ impl Agent {
             .arg(SocketAddr::from((m.ip(), port)).to_string())
             .arg("--http-listen")
             .arg(SocketAddr::from((m.ip(), http_port)).to_string())
-            .arg("--tls-ca")
-            .arg(&tls.ca)
-            .arg("--tls-cert")
-            .arg(&tls.cert)
-            .arg("--tls-key")
-            .arg(&tls.key)
             .args(["--zfs", "/sbin/zfs"])
             .env("KUBECONFIG", env.kubeconfig()?);
         Ok(cmd)

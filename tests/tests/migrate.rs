@@ -21,7 +21,9 @@ use ployz::api::{Migration, Phase};
 use ployz::manifest::MigrationRequest;
 use ployz::names::{MachineName, ServiceRef};
 use ployz::plan::rebind::pv_on_node;
-use ployz_e2e::agents::{AGENT_HTTP_PORT, Agent, AgentCa, connect_from, workspace_binary};
+use ployz_e2e::agents::{
+    AGENT_HTTP_PORT, Agent, connect_from, identity, published_pin, workspace_binary,
+};
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s::{self, LocalVolume};
 use ployz_e2e::ledger::{self, AckWatch, Ledger, MoveReport};
@@ -113,7 +115,6 @@ fn main() -> ExitCode {
 
 /// The agents, started once for the suite; a test may replace one.
 struct Agents {
-    ca: AgentCa,
     running: Mutex<Vec<Agent>>,
 }
 
@@ -128,16 +129,14 @@ fn agents(env: &Env) -> Result<&'static Agents> {
         &env.root.join("tests/fixtures/openebs"),
     ))?;
     env.block_on(k8s::create_namespace(&env.client, OPENEBS))?;
-    let ca = AgentCa::new("ployz-agents")?;
-    let running = vec![start_agent(env, &ca, A)?, start_agent(env, &ca, B)?];
+    let running = vec![start_agent(env, A)?, start_agent(env, B)?];
     Ok(AGENTS.get_or_init(|| Agents {
-        ca,
         running: Mutex::new(running),
     }))
 }
 
-fn start_agent(env: &Env, ca: &AgentCa, machine: &str) -> Result<Agent> {
-    Agent::start(env, ca, machine, &AGENT_ARGS)
+fn start_agent(env: &Env, machine: &str) -> Result<Agent> {
+    Agent::start(env, machine, &AGENT_ARGS)
 }
 
 /// Every agent of the suite: heartbeats every 2 s (the harness), takeover after 20 s (well
@@ -573,8 +572,7 @@ fn http_get(env: &Env, machine: &str, path: &str) -> Result<String> {
 
 /// Without the CRDs the agent exits at once and says how to install them.
 fn agent_without_crds(env: &mut Env) -> Result<()> {
-    let tls = AgentCa::new("no-crds")?.write_identity(A, &env.state.join("no-crds"))?;
-    let mut cmd = Agent::command(env, A, &tls, (7498, 7499))?;
+    let mut cmd = Agent::command(env, A, (7498, 7499))?;
     let out = cmd.output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(!out.status.success(), "the agent ran without CRDs");
@@ -875,7 +873,7 @@ fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
             "killed in {:?}, not mid-send",
             phase(&m)
         );
-        running.push(start_agent(env, &ag.ca, victim)?);
+        running.push(start_agent(env, victim)?);
     }
     let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
     assert_succeeded(&m)?;
@@ -1053,7 +1051,7 @@ fn restart_agent(env: &Env, machine: &str, vars: &[(&str, &str)]) -> Result<()> 
     if let Some(i) = running.iter().position(|x| x.machine == machine) {
         running.remove(i).kill();
     }
-    running.push(Agent::start_with(env, &ag.ca, machine, &AGENT_ARGS, vars)?);
+    running.push(Agent::start_with(env, machine, &AGENT_ARGS, vars)?);
     Ok(())
 }
 
@@ -1634,8 +1632,9 @@ fn out_of_descriptors(env: &mut Env) -> Result<()> {
         "    EMFILE logged {} time(s), the agent kept running",
         failures()? - before
     );
-    let identity = ag.ca.identity(A)?;
-    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    // Any key completes the handshake; the pin is checked after it.
+    let pin = env.block_on(published_pin(&env.client, B))?;
+    let connector = tokio_rustls::TlsConnector::from(identity(A)?.client_config(&pin)?);
     env.block_on(until(
         "a TLS handshake on machine-b's receive port",
         Duration::from_secs(30),

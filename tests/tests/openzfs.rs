@@ -17,9 +17,10 @@ use ployz::transfer::client::{SendJob, SendReport, Sender, TransferError};
 use ployz::transfer::gate::Limits;
 use ployz::transfer::protocol::{Hello, MigrationKey, WireCompression};
 use ployz::transfer::server::{Server, ServerConfig};
+use ployz::transfer::tls::Pin;
 use ployz::zfs::base::BaseError;
 use ployz::zfs::{DatasetName, SendArgs, Zfs, ZfsCli};
-use ployz_e2e::agents::AgentCa;
+use ployz_e2e::agents::identity;
 use ployz_e2e::process::run;
 use ployz_e2e::wait::wait_for;
 
@@ -117,11 +118,22 @@ fn in_guest() -> ExitCode {
     libtest_mimic::run(&args, trials).exit_code()
 }
 
-/// Grants every claim a dataset of the same name under the receiver's parent (the Kubernetes
-/// side of authorization is proven by the other suites).
-struct AllowAll(DatasetName);
+/// Lets in the one sender whose key it pins, and grants every claim a dataset of the same
+/// name under the receiver's parent (the Kubernetes side of authorization is proven by the
+/// other suites).
+struct AllowAll(DatasetName, Pin);
 
 impl Authorizer for AllowAll {
+    async fn authenticate(&self, peer: &str, pin: &Pin) -> Result<(), Refusal> {
+        if *pin == self.1 {
+            return Ok(());
+        }
+        Err(Refusal {
+            reason: ployz::transfer::protocol::RefusalReason::UnknownPeer,
+            message: format!("{peer} holds another key"),
+        })
+    }
+
     async fn authorize(&self, _peer: &str, hello: &Hello) -> Result<Grant, Refusal> {
         Ok(Grant {
             dataset: self.0.child(&hello.claim).map_err(|e| Refusal {
@@ -140,6 +152,8 @@ struct Guest {
     /// A sender whose `zfs send` adds `-p`: a stream carrying the source's properties.
     crafting: Sender<ZfsCli>,
     addr: SocketAddr,
+    /// The receiver's key, which the senders pin.
+    pin: Pin,
     server: Arc<Server<ZfsCli, AllowAll>>,
     _serving: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -164,13 +178,13 @@ impl Guest {
             .build()?;
         let zfs = Arc::new(ZfsCli::new("zfs"));
         let info = rt.block_on(zfs.info())?;
-        let ca = AgentCa::new("guest")?;
+        let (src, dst) = (identity("src")?, identity("dst")?);
         let parent = ds("dst/ployz")?;
         let server = Arc::new(Server::new(
             Arc::clone(&zfs),
             info.clone(),
-            Arc::new(AllowAll(parent.clone())),
-            ca.identity("dst")?.server_config()?,
+            Arc::new(AllowAll(parent.clone(), src.pin().clone())),
+            dst.server_config()?,
             ServerConfig {
                 parent,
                 limits: Limits {
@@ -184,22 +198,18 @@ impl Guest {
             let addr = l.local_addr()?;
             anyhow::Ok((addr, tokio::spawn(Arc::clone(&server).serve(l))))
         })?;
-        let src = ca.identity("src")?;
-        let sender = Sender::new(Arc::clone(&zfs), info.clone(), src.client_config()?);
+        let sender = Sender::new(Arc::clone(&zfs), info.clone(), src.clone());
         sh(
             "printf '#!/bin/sh\\nif [ \"$1\" = send ]; then shift; exec zfs send -p \"$@\"; fi\\nexec zfs \"$@\"\\n' > /tmp/zfs-send-p && chmod +x /tmp/zfs-send-p",
         )?;
-        let crafting = Sender::new(
-            Arc::new(ZfsCli::new("/tmp/zfs-send-p")),
-            info,
-            src.client_config()?,
-        );
+        let crafting = Sender::new(Arc::new(ZfsCli::new("/tmp/zfs-send-p")), info, src);
         Ok(Self {
             rt,
             zfs,
             sender,
             crafting,
             addr,
+            pin: dst.pin().clone(),
             server,
             _serving: serving,
         })
@@ -213,6 +223,7 @@ impl Guest {
             },
             claim: name.into(),
             target_machine: "dst".into(),
+            target_pin: Some(self.pin.clone()),
             dataset: ds(&format!("src/{name}"))?,
             to: to.into(),
             compression: WireCompression::None,
@@ -403,7 +414,7 @@ fn resume_after_cut(g: &Guest) -> Result<()> {
     let again = Progress::default();
     // As the agent does: the receiver may still be closing the cut receive, so retry.
     let retried = g.rt.block_on(g.sender.send_with_retry(
-        || tokio::net::TcpStream::connect(g.addr),
+        || async { Ok((tokio::net::TcpStream::connect(g.addr).await?, g.pin.clone())) },
         &job,
         &again,
         5,

@@ -12,11 +12,11 @@ use ployz::transfer::protocol::{
     Action, Hello, HelloReply, MigrationKey, Offer, PROTOCOL_VERSION, ReceiveFailure,
     RefusalReason, WireCompression, read_frame, write_frame,
 };
-use ployz::transfer::tls::Identity;
+use ployz::transfer::tls::{Identity, Pin};
 use ployz::zfs::base::BaseError;
 use ployz::zfs::{Zfs, ZfsCli};
 use ployz_e2e::agents::{
-    AgentCa, Receiver, connect_from, sender, sending_migration, start_receiver,
+    Receiver, connect_from, identity, publish_identity, sender, sending_migration, start_receiver,
 };
 use ployz_e2e::env::{Env, Options};
 use ployz_e2e::k8s;
@@ -73,11 +73,11 @@ fn main() -> ExitCode {
                 interrupted_leftover_waited_for,
             ),
             (
-                "stranger_without_cluster_certificate_is_refused",
+                "stranger_without_the_key_its_machine_publishes_is_refused",
                 stranger_refused,
             ),
             (
-                "valid_certificate_without_migration_is_refused",
+                "known_machine_without_migration_is_refused",
                 no_migration_refused,
             ),
             (
@@ -106,10 +106,24 @@ fn main() -> ExitCode {
 
 /// What the suite sets up once.
 struct Agents {
-    ca: AgentCa,
     a: Identity,
-    b: Identity,
     receiver: Receiver,
+}
+
+/// The keys of machine-a (sender) and machine-b (receiver), made once per run.
+fn keys() -> Result<&'static (Identity, Identity)> {
+    use std::sync::OnceLock;
+    static KEYS: OnceLock<(Identity, Identity)> = OnceLock::new();
+    if let Some(k) = KEYS.get() {
+        return Ok(k);
+    }
+    let made = (identity("machine-a")?, identity("machine-b")?);
+    Ok(KEYS.get_or_init(|| made))
+}
+
+/// The key machine-b's receivers hold, which senders check.
+fn b_pin() -> Result<Pin> {
+    Ok(keys()?.1.pin().clone())
 }
 
 fn agents(env: &Env) -> Result<&'static Agents> {
@@ -120,19 +134,21 @@ fn agents(env: &Env) -> Result<&'static Agents> {
     }
     env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
     env.block_on(k8s::create_namespace(&env.client, NS))?;
-    let ca = AgentCa::new("ployz-agents")?;
-    let a = ca.identity("machine-a")?;
-    let b = ca.identity("machine-b")?;
+    let (a, b) = keys()?;
+    for (machine, key) in [("machine-a", a), ("machine-b", b)] {
+        env.block_on(publish_identity(&env.client, machine, key))?;
+    }
     let receiver = start_receiver(
         env,
         env.client.clone(),
         env.machine("machine-b")?,
-        &b,
+        b,
         "tank/ployz",
         PORT,
         NO_PROGRESS,
     )?;
-    Ok(AGENTS.get_or_init(|| Agents { ca, a, b, receiver }))
+    let a = a.clone();
+    Ok(AGENTS.get_or_init(|| Agents { a, receiver }))
 }
 
 fn migration(env: &Env, name: &str, claim: &str, volume: &str, target_dataset: &str) -> Result<()> {
@@ -153,6 +169,7 @@ fn job(migration: &str, claim: &str, volume: &str, to: &str) -> Result<SendJob> 
         },
         claim: claim.into(),
         target_machine: "machine-b".into(),
+        target_pin: Some(b_pin()?),
         dataset: format!("tank/ployz/{volume}").parse()?,
         to: to.into(),
         compression: WireCompression::None,
@@ -518,7 +535,7 @@ fn pool_too_small(env: &mut Env) -> Result<()> {
         env,
         env.client.clone(),
         env.machine("machine-b")?,
-        &ag.b,
+        &keys()?.1,
         "small/ployz",
         PORT + 1,
         NO_PROGRESS,
@@ -603,8 +620,12 @@ fn interrupted_then_retried<G>(
 
     let s = sender(env, env.machine("machine-a")?, &ag.a)?;
     let net = env.machine("machine-a")?.net.clone();
+    let pin = b_pin()?;
     let report = env.block_on(s.send_with_retry(
-        || connect_from(net.clone(), addr),
+        || {
+            let (net, pin) = (net.clone(), pin.clone());
+            async move { Ok((connect_from(net, addr).await?, pin)) }
+        },
         &j,
         &Progress::default(),
         5,
@@ -642,7 +663,7 @@ fn cut_link_then_retry(env: &mut Env) -> Result<()> {
 }
 
 fn receiver_killed_then_retry(env: &mut Env) -> Result<()> {
-    let ag = agents(env)?;
+    agents(env)?;
     // A receiver of its own on another port, so the suite's shared one keeps running.
     let port = PORT + 2;
     let start = |env: &Env| {
@@ -651,7 +672,7 @@ fn receiver_killed_then_retry(env: &mut Env) -> Result<()> {
             env,
             env.client.clone(),
             b,
-            &ag.b,
+            &keys()?.1,
             "tank/ployz",
             port,
             NO_PROGRESS,
@@ -715,23 +736,53 @@ fn interrupted_leftover_waited_for(env: &mut Env) -> Result<()> {
 
 fn stranger_refused(env: &mut Env) -> Result<()> {
     let ag = agents(env)?;
-    let stranger_ca = AgentCa::new("stranger")?;
-    // Its own CA, but it trusts ours (so only the server's check can stop it).
-    let stranger = stranger_ca.identity_trusting("machine-a", &ag.ca)?;
     let before = ag.receiver.server.received_bytes.load(Ordering::Relaxed);
-    let r = send_as(
-        env,
-        &stranger,
-        ag.receiver.addr,
-        &job("m-data", DATA, "xfer-data", "s6")?,
-    )?;
-    ensure!(
-        matches!(&r, Err(TransferError::Tls { .. } | TransferError::Frame(_))),
-        "a stranger got in: {r:?}"
-    );
+    // A key of its own, claiming to be machine-a (which publishes another key), and one
+    // claiming a machine that does not exist: both pass the TLS handshake (they hold their
+    // keys) and are refused before the receiver reads their Hello.
+    for (claimed, why) in [
+        ("machine-a", "is not the key Machine machine-a publishes"),
+        ("machine-z", "no Machine machine-z exists"),
+    ] {
+        let stranger = identity(claimed)?;
+        let r = send_as(
+            env,
+            &stranger,
+            ag.receiver.addr,
+            &job("m-data", DATA, "xfer-data", "s6")?,
+        )?;
+        ensure!(
+            refused(&r) == Some(RefusalReason::UnknownPeer),
+            "a stranger claiming {claimed} got in: {r:?}"
+        );
+        let message = r.err().map(|e| e.to_string()).unwrap_or_default();
+        ensure!(message.contains(why), "unclear refusal: {message}");
+    }
     ensure!(
         ag.receiver.server.received_bytes.load(Ordering::Relaxed) == before,
         "bytes were received from a stranger"
+    );
+    // And a sender that dials a receiver holding another key than machine-b publishes
+    // stops at the handshake.
+    let impostor = start_receiver(
+        env,
+        env.client.clone(),
+        env.machine("machine-b")?,
+        &identity("machine-b")?,
+        "tank/ployz",
+        PORT + 7,
+        NO_PROGRESS,
+    )?;
+    let r = send_as(
+        env,
+        &ag.a,
+        impostor.addr,
+        &job("m-data", DATA, "xfer-data", "s6")?,
+    )?;
+    impostor.stop(env);
+    ensure!(
+        matches!(&r, Err(TransferError::Tls { .. })),
+        "a receiver with another key was trusted: {r:?}"
     );
     Ok(())
 }
@@ -787,7 +838,7 @@ fn wrong_peer_refused(env: &mut Env) -> Result<()> {
     // machine-b's own (valid) certificate, used from machine-a: the plan's source is machine-a.
     let r = send_as(
         env,
-        &ag.b,
+        &keys()?.1,
         ag.receiver.addr,
         &job("m-data", DATA, "xfer-data", "s6")?,
     )?;
@@ -871,7 +922,7 @@ async fn hello_raw(
     HelloReply,
 )> {
     let tcp = connect_from(net, addr).await?;
-    let connector = tokio_rustls::TlsConnector::from(identity.client_config()?);
+    let connector = tokio_rustls::TlsConnector::from(identity.client_config(&b_pin()?)?);
     let mut conn = connector
         .connect(ployz::transfer::tls::server_name("machine-b")?, tcp)
         .await?;
@@ -993,7 +1044,7 @@ fn crafting_sender(env: &Env, identity: &Identity, flag: &str) -> Result<Sender<
     Ok(Sender::new(
         std::sync::Arc::new(crafted),
         info,
-        identity.client_config()?,
+        identity.clone(),
     ))
 }
 

@@ -73,14 +73,14 @@ pub struct Config {
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PLOYZ_HTTP_LISTEN", default_value = "0.0.0.0:7421")]
     pub http_listen: SocketAddr,
-    /// Cluster CA certificate (PEM) that signs every agent's certificate.
-    #[arg(long, env = "PLOYZ_TLS_CA")]
-    pub tls_ca: PathBuf,
-    /// This agent's certificate (PEM); its DNS name is the machine name.
-    #[arg(long, env = "PLOYZ_TLS_CERT")]
-    pub tls_cert: PathBuf,
-    #[arg(long, env = "PLOYZ_TLS_KEY")]
-    pub tls_key: PathBuf,
+    /// This agent's certificate (PEM), whose DNS name is the machine name, for keys managed
+    /// outside the agent (cert-manager). By default the agent makes a new key at each start,
+    /// in memory; either way peers trust the key the Machine publishes, not an issuer.
+    #[arg(long, env = "PLOYZ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The key of `--tls-cert` (PEM).
+    #[arg(long, env = "PLOYZ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The `zfs` command.
     #[arg(long, env = "PLOYZ_ZFS", default_value = "zfs")]
     pub zfs: PathBuf,
@@ -134,6 +134,8 @@ pub struct Ctx {
     pub zfs: Arc<ZfsCli>,
     pub info: ZfsInfo,
     pub sender: Arc<Sender<ZfsCli>>,
+    /// This agent's TLS key, as its Machine publishes it.
+    pub pin: crate::transfer::tls::Pin,
     /// This machine's receiver, for role changes of its own copies when it drives.
     pub server: Arc<Server<ZfsCli, KubeAuthorizer>>,
     pub recorder: Recorder,
@@ -354,8 +356,13 @@ pub async fn run(config: Config) -> Result<()> {
     if let Ok(pool) = config.pool.parse::<DatasetName>() {
         retention::release_leaked_holds(&zfs, &info, &pool).await;
     }
-    let identity = Identity::load(&config.tls_ca, &config.tls_cert, &config.tls_key)
-        .context("loading the agent's TLS identity")?;
+    let identity = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => {
+            Identity::load(cert, key).context("loading the agent's TLS key and certificate")?
+        }
+        _ => Identity::generate(&machine).context("generating the agent's TLS key")?,
+    };
+    info!(pin = %identity.pin(), "TLS key; peers accept this machine only with it");
     let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
@@ -390,11 +397,8 @@ pub async fn run(config: Config) -> Result<()> {
         client: client.clone(),
         machine: machine.clone(),
         parent,
-        sender: Arc::new(Sender::new(
-            Arc::clone(&zfs),
-            info.clone(),
-            identity.client_config()?,
-        )),
+        pin: identity.pin().clone(),
+        sender: Arc::new(Sender::new(Arc::clone(&zfs), info.clone(), identity)),
         server: Arc::clone(&server),
         zfs,
         info,

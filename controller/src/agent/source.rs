@@ -37,6 +37,7 @@ use crate::transfer::client::{SendJob, TransferError};
 use crate::transfer::protocol::{
     Action as PeerAction, MigrationKey, RefusalReason, WireCompression,
 };
+use crate::transfer::tls::Pin;
 use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, Zfs, ZfsError};
 
 /// Longest wait for a TCP connection to a peer agent.
@@ -297,6 +298,30 @@ async fn dial(endpoint: &str) -> std::io::Result<tokio::net::TcpStream> {
         .map_err(|_| std::io::ErrorKind::TimedOut)?
 }
 
+/// A connection to `machine`'s agent, with the key its Machine publishes now: read at each
+/// attempt, since an agent that restarts listens with a new key (and maybe a new address).
+async fn dial_agent(
+    client: &kube::Client,
+    machine: &str,
+) -> std::io::Result<(tokio::net::TcpStream, Pin)> {
+    let machines: Api<Machine> = Api::all(client.clone());
+    let m = machines
+        .get(machine)
+        .await
+        .map_err(|e| std::io::Error::other(format!("reading Machine {machine}: {e}")))?;
+    let pin = m
+        .status
+        .and_then(|s| s.tls_pin)
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "Machine {machine} publishes no TLS key (status.tlsPin); its agent is not running, or predates pinned keys"
+            ))
+        })?
+        .parse::<Pin>()
+        .map_err(std::io::Error::other)?;
+    Ok((dial(&m.spec.endpoint).await?, pin))
+}
+
 /// Whether the workload's claims are all Bound to their PVs again, and the PVs have their
 /// recorded reclaim policy back.
 async fn claims(
@@ -411,13 +436,11 @@ async fn perform(
             }
         }
         Effect::Promote => {
-            let endpoint = ends(ctx, plan).await?.target_endpoint;
             let Some(c) = next.cutover.as_mut() else {
                 return Ok(());
             };
             for b in c.volumes.iter_mut() {
-                b.target_path =
-                    role_change(ctx, m, plan, &endpoint, &b.claim, PeerAction::Promote).await?;
+                b.target_path = role_change(ctx, m, plan, &b.claim, PeerAction::Promote).await?;
             }
         }
         Effect::RebindToTarget => {
@@ -473,9 +496,8 @@ async fn perform(
             }
         }
         Effect::Demote => {
-            let endpoint = ends(ctx, plan).await?.target_endpoint;
             for v in &plan.volumes {
-                role_change(ctx, m, plan, &endpoint, &v.claim, PeerAction::Demote).await?;
+                role_change(ctx, m, plan, &v.claim, PeerAction::Demote).await?;
             }
         }
         Effect::Unlock => w.unlock(&m.name_any()).await?,
@@ -840,7 +862,6 @@ async fn start_pass(
     plan: &MigrationPlan,
     snapshot: &str,
 ) -> Result<(), Error> {
-    let endpoint = ends(ctx, plan).await?.target_endpoint;
     let transfer = m.spec.transfer.clone().unwrap_or_default();
     let rate_limit = match &transfer.bandwidth_limit {
         Some(q) => Some(crate::api::quantity::bandwidth_limit(&q.0).map_err(Error::InvalidSpec)?),
@@ -853,6 +874,8 @@ async fn start_pass(
             migration: migration_key(m),
             claim: v.claim.clone(),
             target_machine: plan.target.clone(),
+            // Each attempt reads the key the target publishes then (see `dial_agent`).
+            target_pin: None,
             dataset: dataset(&v.source_dataset)?,
             to: snapshot.to_string(),
             compression: match transfer.compression {
@@ -866,12 +889,13 @@ async fn start_pass(
     let jobs = Arc::new(jobs);
     let sender = Arc::clone(&ctx.sender);
     let zfs = Arc::clone(&ctx.zfs);
+    let client = ctx.client.clone();
     let send: SendFn = Arc::new(move |i, progress| {
-        let (jobs, sender, endpoint) = (Arc::clone(&jobs), Arc::clone(&sender), endpoint.clone());
+        let (jobs, sender, client) = (Arc::clone(&jobs), Arc::clone(&sender), client.clone());
         let zfs = Arc::clone(&zfs);
         Box::pin(async move {
             let job = &jobs[i];
-            let connect = || dial(&endpoint);
+            let connect = || dial_agent(&client, &job.target_machine);
             let report = sender.send_with_retry(connect, job, &progress, 3).await?;
             // The target holds this snapshot now: retention keeps it as the common one.
             if let Ok(snap) = job.dataset.snapshot(&job.to) {
@@ -1093,12 +1117,11 @@ async fn role_change(
     ctx: &Ctx,
     m: &Migration,
     plan: &MigrationPlan,
-    endpoint: &str,
     claim: &str,
     action: PeerAction,
 ) -> Result<Option<String>, Error> {
     let changed = if plan.target != ctx.machine {
-        peer(ctx, m, plan, endpoint, claim, action)
+        peer(ctx, m, plan, claim, action)
             .await
             .map_err(|e| e.to_string())
     } else {
@@ -1131,13 +1154,12 @@ async fn role_change(
     })
 }
 
-/// Asks the target agent (at `endpoint`) to promote or demote its copy of `claim`, within
+/// Asks the target agent to promote or demote its copy of `claim`, within
 /// the connect and answer timeouts.
 async fn peer(
     ctx: &Ctx,
     m: &Migration,
     plan: &MigrationPlan,
-    endpoint: &str,
     claim: &str,
     action: PeerAction,
 ) -> Result<Option<String>, TransferError> {
@@ -1146,22 +1168,23 @@ async fn peer(
         .iter()
         .find(|v| v.claim == claim)
         .ok_or_else(|| TransferError::Zfs(ZfsError::NotFound(claim.into())))?;
+    let (tcp, target_pin) = dial_agent(&ctx.client, &plan.target)
+        .await
+        .map_err(|source| TransferError::Connect {
+            machine: plan.target.clone(),
+            source,
+        })?;
     let job = SendJob {
         migration: migration_key(m),
         claim: claim.into(),
         target_machine: plan.target.clone(),
+        target_pin: Some(target_pin),
         dataset: v.source_dataset.parse().map_err(ZfsError::from)?,
         to: String::new(),
         compression: WireCompression::None,
         rate_limit: None,
         no_progress: PEER_TIMEOUT,
     };
-    let tcp = dial(endpoint)
-        .await
-        .map_err(|source| TransferError::Connect {
-            machine: plan.target.clone(),
-            source,
-        })?;
     ctx.sender.request(tcp, &job, action).await
 }
 

@@ -113,6 +113,13 @@ pub struct MachineStatus {
     /// the pool (datasets inherit their mountpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pool_mountpoint: Option<String>,
+
+    /// SHA-256 of the agent's TLS public key, `sha256:` and 64 hex digits. The agent makes a
+    /// new key at each start and publishes it here; peers accept this machine's agent only
+    /// with this key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    pub tls_pin: Option<String>,
 }
 
 /// ZFS implementation and capabilities, detected by the agent.

@@ -1,4 +1,5 @@
-//! Who may send what. The receiver accepts a stream only for a Migration that exists, targets
+//! Who may send what. A peer is the machine its certificate names when it holds the key that
+//! Machine publishes. The receiver accepts a stream only for a Migration that exists, targets
 //! this machine, comes from the peer machine (by its certificate), is in a sending phase, and
 //! names the claim; the destination dataset is computed here, under this machine's parent
 //! dataset. Nothing a sender says can make the receiver write elsewhere.
@@ -8,7 +9,8 @@ use std::future::Future;
 use kube::{Api, Client};
 
 use super::protocol::{Action, Hello, RefusalReason};
-use crate::api::{Migration, Phase};
+use super::tls::Pin;
+use crate::api::{Machine, Migration, Phase};
 use crate::zfs::DatasetName;
 
 /// Permission to receive one volume into `dataset`.
@@ -31,8 +33,16 @@ fn refuse(reason: RefusalReason, message: impl Into<String>) -> Refusal {
     }
 }
 
-/// Decides whether `peer` (a machine name from its certificate) may send for `hello`.
+/// Decides who a peer is, and whether it may send for a `Hello`.
 pub trait Authorizer: Send + Sync {
+    /// Whether `pin` is the key machine `peer` (named by its certificate) publishes.
+    fn authenticate(
+        &self,
+        peer: &str,
+        pin: &Pin,
+    ) -> impl Future<Output = Result<(), Refusal>> + Send;
+
+    /// Whether `peer`, authenticated, may send for `hello`.
     fn authorize(
         &self,
         peer: &str,
@@ -46,6 +56,32 @@ pub fn volume_dataset(parent: &DatasetName, volume: &str) -> Result<DatasetName,
     parent
         .child(volume)
         .map_err(|e| format!("volume {volume:?} cannot name a dataset under {parent}: {e}"))
+}
+
+/// A peer is the machine its certificate names only when it holds the key that Machine
+/// publishes (the pure check, given the Machine as read from the API).
+pub fn check_pin(peer: &str, presented: &Pin, machine: Option<&Machine>) -> Result<(), Refusal> {
+    let m = machine.ok_or_else(|| {
+        refuse(
+            RefusalReason::UnknownPeer,
+            format!("no Machine {peer} exists; only machines with a ployz agent may connect"),
+        )
+    })?;
+    let published = m.status.as_ref().and_then(|s| s.tls_pin.as_deref());
+    match published {
+        Some(p) if p == presented.as_str() => Ok(()),
+        Some(p) => Err(refuse(
+            RefusalReason::UnknownPeer,
+            format!(
+                "the client's key {presented} is not the key Machine {peer} publishes ({p}); \
+                 if that agent just restarted, it retries with its new key"
+            ),
+        )),
+        None => Err(refuse(
+            RefusalReason::UnknownPeer,
+            format!("Machine {peer} publishes no key (status.tlsPin); is its agent running?"),
+        )),
+    }
 }
 
 /// The pure decision, given the Migration as read from the API.
@@ -145,6 +181,17 @@ impl std::fmt::Debug for KubeAuthorizer {
 }
 
 impl Authorizer for KubeAuthorizer {
+    async fn authenticate(&self, peer: &str, pin: &Pin) -> Result<(), Refusal> {
+        let api: Api<Machine> = Api::all(self.client.clone());
+        let m = api.get_opt(peer).await.map_err(|e| {
+            refuse(
+                RefusalReason::Internal,
+                format!("reading Machine {peer}: {e}"),
+            )
+        })?;
+        check_pin(peer, pin, m.as_ref())
+    }
+
     async fn authorize(&self, peer: &str, hello: &Hello) -> Result<Grant, Refusal> {
         let api: Api<Migration> = Api::namespaced(self.client.clone(), &hello.migration.namespace);
         let m = api.get_opt(&hello.migration.name).await.map_err(|e| {
@@ -226,6 +273,49 @@ mod tests {
             g.map(|g| g.dataset.to_string()),
             Ok("tank/ployz/pv-1".to_string())
         );
+    }
+
+    fn machine_publishing(pin: Option<&Pin>) -> Machine {
+        let mut m = Machine::new(
+            "a",
+            crate::api::MachineSpec {
+                node_name: "a".into(),
+                pool: "tank".into(),
+                parent_dataset: "tank/ployz".into(),
+                endpoint: "198.18.0.1:7420".into(),
+                draining: false,
+                zfs_node_id: None,
+            },
+        );
+        m.status = Some(crate::api::MachineStatus {
+            tls_pin: pin.map(|p| p.to_string()),
+            ..Default::default()
+        });
+        m
+    }
+
+    fn pin(hex: char) -> Pin {
+        format!("sha256:{}", hex.to_string().repeat(64))
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn a_peer_is_the_machine_it_names_only_with_the_key_that_machine_publishes() {
+        let (key, other) = (pin('a'), pin('b'));
+        assert!(check_pin("a", &key, Some(&machine_publishing(Some(&key)))).is_ok());
+        for (machine, why) in [
+            (Some(machine_publishing(Some(&other))), "another key"),
+            (Some(machine_publishing(None)), "no key published"),
+            (None, "no Machine"),
+        ] {
+            let r = check_pin("a", &key, machine.as_ref());
+            assert_eq!(
+                r.map_err(|e| e.reason),
+                Err(RefusalReason::UnknownPeer),
+                "{why}"
+            );
+        }
     }
 
     #[test]

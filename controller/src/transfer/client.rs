@@ -18,7 +18,7 @@ use super::protocol::{
     ReceiveFailure, RefusalReason, TargetState, WireCompression, read_frame, write_frame,
 };
 use super::pump::{Counting, PumpError, PumpOptions, send_chunks};
-use super::tls;
+use super::tls::{self, Identity, Pin};
 use crate::api::ZfsInfo;
 use crate::zfs::base::{self, BaseError, SendPlan, TargetSide};
 use crate::zfs::{DatasetName, ResumeToken, SendArgs, Zfs, ZfsError, legacy_estimate};
@@ -33,6 +33,9 @@ pub struct SendJob {
     pub claim: String,
     /// The machine receiving it (checked against its TLS certificate).
     pub target_machine: String,
+    /// The key that machine publishes; the receiver must hold it. `send_with_retry` sets it
+    /// from what its `connect` reads at each attempt.
+    pub target_pin: Option<Pin>,
     /// The source dataset.
     pub dataset: DatasetName,
     /// Snapshot (short name) to bring the target to.
@@ -65,7 +68,7 @@ pub enum TransferError {
         source: std::io::Error,
     },
     #[error(
-        "TLS with {machine}: {source}; check that both agents hold certificates from the same cluster CA"
+        "TLS with {machine}: {source}; the receiver must hold the key its Machine publishes (status.tlsPin), and accepts this agent only with the key this Machine publishes"
     )]
     Tls {
         machine: String,
@@ -123,7 +126,10 @@ impl TransferError {
     /// A fresh attempt may succeed (the link, not the data, was the problem).
     pub fn is_retryable(&self) -> bool {
         match self {
+            // A handshake fails when the peer restarted with a new key since it was read;
+            // the next attempt reads it again.
             TransferError::Connect { .. }
+            | TransferError::Tls { .. }
             | TransferError::Pump(_)
             | TransferError::Frame(FrameError::Io(_)) => true,
             TransferError::Remote { reason, .. } => matches!(reason, ReceiveFailure::StreamBroken),
@@ -165,7 +171,7 @@ pub fn resume_fits(ds: &crate::zfs::Dataset, token: &ResumeToken) -> Result<(), 
 pub struct Sender<Z> {
     zfs: Arc<Z>,
     info: ZfsInfo,
-    connector: TlsConnector,
+    identity: Identity,
 }
 
 impl<Z> std::fmt::Debug for Sender<Z> {
@@ -177,11 +183,11 @@ impl<Z> std::fmt::Debug for Sender<Z> {
 }
 
 impl<Z: Zfs + 'static> Sender<Z> {
-    pub fn new(zfs: Arc<Z>, info: ZfsInfo, tls: Arc<rustls::ClientConfig>) -> Self {
+    pub fn new(zfs: Arc<Z>, info: ZfsInfo, identity: Identity) -> Self {
         Self {
             zfs,
             info,
-            connector: TlsConnector::from(tls),
+            identity,
         }
     }
 
@@ -260,7 +266,11 @@ impl<Z: Zfs + 'static> Sender<Z> {
         let _ = tcp.set_nodelay(true);
         let machine = job.target_machine.clone();
         let name = tls::server_name(&machine)?;
-        let mut conn = tokio::time::timeout(timeout, self.connector.connect(name, tcp))
+        let pin = job.target_pin.as_ref().ok_or_else(|| {
+            tls::TlsError::PeerIdentity(format!("no key of {machine} to check its agent against"))
+        })?;
+        let connector = TlsConnector::from(self.identity.client_config(pin)?);
+        let mut conn = tokio::time::timeout(timeout, connector.connect(name, tcp))
             .await
             .map_err(|_| TransferError::Tls {
                 machine: machine.clone(),
@@ -314,8 +324,10 @@ impl<Z: Zfs + 'static> Sender<Z> {
     }
 
     /// Sends `job`, reconnecting with `connect` and retrying while the failure is one a new
-    /// attempt can fix (a cut link, a stalled peer, a busy dataset). Each attempt resumes from
-    /// the receiver's token where supported, otherwise starts again from the common base.
+    /// attempt can fix (a cut link, a stalled peer, a busy dataset, a restarted peer with a
+    /// new key). Each attempt resumes from the receiver's token where supported, otherwise
+    /// starts again from the common base. `connect` also answers the key the target publishes
+    /// now: an agent makes a new one when it restarts.
     pub async fn send_with_retry<C, F>(
         &self,
         connect: C,
@@ -325,15 +337,19 @@ impl<Z: Zfs + 'static> Sender<Z> {
     ) -> Result<SendReport, TransferError>
     where
         C: Fn() -> F,
-        F: std::future::Future<Output = std::io::Result<TcpStream>>,
+        F: std::future::Future<Output = std::io::Result<(TcpStream, Pin)>>,
     {
         use backon::{ExponentialBuilder, Retryable};
         let attempt = || async {
-            let tcp = connect().await.map_err(|source| TransferError::Connect {
+            let (tcp, pin) = connect().await.map_err(|source| TransferError::Connect {
                 machine: job.target_machine.clone(),
                 source,
             })?;
-            self.send(tcp, job, progress).await
+            let job = SendJob {
+                target_pin: Some(pin),
+                ..job.clone()
+            };
+            self.send(tcp, &job, progress).await
         };
         attempt
             .retry(

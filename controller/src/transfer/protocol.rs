@@ -16,7 +16,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::api::ZfsCapabilities;
 use crate::zfs::base::Point;
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest control frame; anything bigger is a protocol violation.
 const MAX_FRAME: u32 = 1 << 20;
 /// Largest data chunk.
@@ -62,6 +62,8 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RefusalReason {
     ProtocolVersion,
+    /// The client's key is not the one the machine it names publishes.
+    UnknownPeer,
     UnknownMigration,
     NotPlanned,
     NotForThisMachine,

@@ -65,6 +65,8 @@ pub enum ServerError {
     Frame(#[from] super::protocol::FrameError),
     #[error("refused {peer}: {message}")]
     Refused { peer: String, message: String },
+    #[error("a client claiming to be {claimed} was refused: {message}")]
+    Stranger { claimed: String, message: String },
     #[error(transparent)]
     Zfs(#[from] ZfsError),
     #[error("stream: {0}")]
@@ -178,8 +180,9 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
     }
 
-    /// The TLS handshake and the `Hello`: who the peer is and what it asks. A stranger
-    /// without a certificate from the cluster CA fails here, before any byte of the protocol.
+    /// The TLS handshake, the peer's key checked against the pin its machine publishes, and
+    /// the `Hello`: who the peer is and what it asks. A stranger fails here, before the
+    /// receiver reads a byte of the protocol from it.
     async fn open(
         &self,
         tcp: TcpStream,
@@ -190,14 +193,25 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             .await
             .map_err(ServerError::Handshake)?;
         conn.get_mut().1.set_buffer_limit(Some(4 << 20));
-        let peer = {
+        let (peer, pin) = {
             let (_, session) = conn.get_ref();
             let cert = session
                 .peer_certificates()
                 .and_then(|c| c.first())
                 .ok_or_else(|| TlsError::PeerIdentity("no client certificate".into()))?;
-            tls::peer_machine(cert)?
+            (tls::peer_machine(cert)?, tls::Pin::of(cert)?)
         };
+        if let Err(refusal) = self.authz.authenticate(&peer, &pin).await {
+            let reply = HelloReply::Refused {
+                reason: refusal.reason,
+                message: refusal.message.clone(),
+            };
+            write_frame(&mut conn, &reply).await?;
+            return Err(ServerError::Stranger {
+                claimed: peer,
+                message: refusal.message,
+            });
+        }
         let hello: Hello = read_frame(&mut conn).await?;
         Ok((conn, peer, hello))
     }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use kube::api::Api;
 use ployz::api::Migration;
-use ployz_e2e::agents::{Agent, AgentCa, workspace_binary};
+use ployz_e2e::agents::{Agent, workspace_binary};
 use ployz_e2e::env::{Env, Options, bin_dir};
 use ployz_e2e::k8s;
 use ployz_e2e::ledger::{self, AckWatch};
@@ -152,10 +152,9 @@ fn demo(env: &Env) -> Result<()> {
     };
     step("installing the ployz CRDs and starting an agent on each machine");
     env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
-    let ca = AgentCa::new("ployz-demo")?;
     let _agents = [
-        Agent::start(env, &ca, "machine-a", &[])?,
-        Agent::start(env, &ca, "machine-b", &[])?,
+        Agent::start(env, "machine-a", &[])?,
+        Agent::start(env, "machine-b", &[])?,
     ];
     show(&mut tools.ployzctl(&["machine", "ls"]))?;
 
