@@ -4,19 +4,20 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export PLOYZ_CACHE ?= $(HOME)/.cache/ployz
 
-.PHONY: test demo deps bins images lint unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
+.PHONY: test demo deps bins images image lint chart unit e2e smoke migrate openzfs vm-image bench env crds examples fmt
 
 # The environment's inputs: cluster binaries built from Go modules, container images built
 # locally; both cached under $(PLOYZ_CACHE), so later runs build nothing.
 ENV_DIRS = PLOYZ_BIN_DIR=$$(tests/env/build-bins.sh) PLOYZ_IMAGES_DIR=$$(tests/images/build-images.sh) \
-	PLOYZ_CSI_NODE_DIR=$$(tests/csi-node/build.sh)
+	PLOYZ_CSI_NODE_DIR=$$(tests/csi-node/build.sh) PLOYZ_HELM=$$(tests/env/build-helm.sh)
 
-test: deps lint unit e2e openzfs
+test: deps lint chart unit e2e openzfs
 
 # The README's first command: two machines, an agent on each, a stateful app moved from
 # machine-a to machine-b and back. Tears everything down at the end and on Ctrl-C.
 demo: deps bins images
-	# The agent as the harness runs it: the fault tests' crash points compiled in, inert.
+	# The agent the demo's image is built from, as the suites build it: the fault tests' crash
+	# points compiled in, inert.
 	$(CARGO) build -q --locked -p ployz -p ployzctl --bins --features ployz/failpoints
 	$(ENV_DIRS) $(CARGO) run -q --locked -p ployz-e2e --bin ployz-demo
 
@@ -24,10 +25,11 @@ demo: deps bins images
 deps:
 	@tests/env/install-deps.sh
 
-# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl and kwok,
+# etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl, kwok and helm,
 # built from Go modules into $(PLOYZ_CACHE); a second run builds nothing.
 bins:
 	@tests/env/build-bins.sh >/dev/null
+	@tests/env/build-helm.sh >/dev/null
 
 # The pod sandbox image and the test app (tests/images), built locally: no registry is reachable;
 # and the machines' CSI node plugin for zfs-localpv volumes (tests/csi-node, Go).
@@ -38,6 +40,14 @@ images:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+
+# The Helm chart: lint (strict) and render with every optional part on (helm built from its Go
+# module, cached like the cluster's binaries). The suites apply what it renders.
+chart:
+	@helm=$$(tests/env/build-helm.sh) && $$helm lint --strict charts/ployz \
+		&& $$helm template ployz charts/ployz --namespace ployz-system \
+			--set metrics.serviceMonitor.enabled=true --set metrics.prometheusRule.enabled=true >/dev/null \
+		&& $$helm lint --strict charts/ployz --set admissionPolicies.enabled=false
 
 # Also the harness's own pure parts (the app's ledger checks, the reaper's journal).
 unit:
@@ -75,9 +85,19 @@ bench: deps bins images
 	@tests/env/install-deps.sh bench
 	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench transfer
 
-# Regenerate the CRD YAML from the Rust types (a test fails when the committed copy drifts).
+# Release binaries (the agent and ployzctl) and the agent image, built offline from them and
+# this machine's `zfs` userland (tests/images/build-agent-image.sh); prints the image's tar,
+# ready for `ctr images import` or `docker load`. Containerfile builds the same for a registry.
+image:
+	$(CARGO) build --release --locked -p ployz --bin ployz-controller -p ployzctl --bin ployzctl
+	@tests/images/build-agent-image.sh target/release/ployz-controller \
+		ployz.dev/agent:$$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/ployz/Chart.yaml)
+
+# Regenerate the CRD YAML from the Rust types, and the chart's copy (a test fails when either
+# committed copy drifts).
 crds:
 	$(CARGO) run -q -p ployz --bin crdgen -- crds
+	$(CARGO) run -q -p ployz --bin crdgen -- charts/ployz/crds
 
 examples:
 	$(CARGO) run -q -p ployzctl -- migrate render-manifest production/web --to machine-b > examples/migration.yaml

@@ -92,6 +92,12 @@ pub fn csi_node_dir(root: &Path) -> Result<PathBuf> {
     built_dir(root, "PLOYZ_CSI_NODE_DIR", "tests/csi-node/build.sh")
 }
 
+/// The helm binary (`PLOYZ_HELM`, set by `make`), or the result of running its build script,
+/// a no-op when it is cached.
+pub fn helm(root: &Path) -> Result<PathBuf> {
+    built_dir(root, "PLOYZ_HELM", "tests/env/build-helm.sh")
+}
+
 /// `$var`, or what `script` (which builds into a cache and prints the directory) prints.
 fn built_dir(root: &Path, var: &str, script: &str) -> Result<PathBuf> {
     if let Ok(dir) = std::env::var(var) {

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
 use kube::api::ListParams;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::core::{DynamicObject, GroupVersionKind};
@@ -43,6 +44,10 @@ fn main() -> ExitCode {
                 invalid_migrations_rejected,
             ),
             ("machine_columns_show_in_kubectl", machine_columns),
+            (
+                "chart_policies_hold_each_agent_to_its_own_node",
+                chart_policies_hold_agents_to_their_node,
+            ),
             (
                 "real_pod_writes_to_zfs_and_moves_by_hand",
                 real_pod_writes_to_zfs_and_moves_by_hand,
@@ -568,5 +573,239 @@ fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
         ])
     };
     ensure!(guid(a, &src)? == guid(b, &dst)?, "snapshot GUIDs differ");
+    Ok(())
+}
+
+const AGENT_NS: &str = "ployz-system";
+const AGENT_USER: &str = "system:serviceaccount:ployz-system:ployz-agent";
+
+/// A client of the API as `user` in `groups`, with the node name a pod-bound service-account
+/// token carries when `node` is given (impersonated by the admin, as the API server would
+/// authenticate the agent pod on that node).
+fn client_as(env: &Env, user: &str, groups: &[&str], node: Option<&str>) -> Result<Client> {
+    let kubeconfig = kube::config::Kubeconfig::read_from(env.kubeconfig()?)?;
+    let mut config = env.block_on(kube::Config::from_custom_kubeconfig(
+        kubeconfig,
+        &kube::config::KubeConfigOptions::default(),
+    ))?;
+    config.auth_info.impersonate = Some(user.into());
+    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    config.auth_info.impersonate_user_extra = node.map(|n| {
+        [(
+            "authentication.kubernetes.io/node-name".to_string(),
+            vec![n.to_string()],
+        )]
+        .into()
+    });
+    // The client's service is spawned on the environment's runtime.
+    let _runtime = env.rt.enter();
+    Ok(Client::try_from(config)?)
+}
+
+fn agent_of(env: &Env, node: Option<&str>) -> Result<Client> {
+    client_as(
+        env,
+        AGENT_USER,
+        &[
+            "system:serviceaccounts",
+            "system:serviceaccounts:ployz-system",
+            "system:authenticated",
+        ],
+        node,
+    )
+}
+
+/// `Err(message)` of a refused request, `Ok(())` of an accepted one.
+fn outcome<T>(r: kube::Result<T>) -> Result<Result<(), String>> {
+    match r {
+        Ok(_) => Ok(Ok(())),
+        Err(kube::Error::Api(e)) => Ok(Err(e.message)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn set_pin(env: &Env, client: &Client, machine: &str) -> Result<Result<(), String>> {
+    let api: Api<Machine> = Api::all(client.clone());
+    let pin = format!("sha256:{}", "0".repeat(64));
+    outcome(env.block_on(api.patch_status(
+        machine,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"tlsPin": pin}})),
+    )))
+}
+
+fn set_phase_message(
+    env: &Env,
+    client: &Client,
+    ns: &str,
+    name: &str,
+) -> Result<Result<(), String>> {
+    let api: Api<Migration> = Api::namespaced(client.clone(), ns);
+    outcome(env.block_on(api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"message": "written by a test"}})),
+    )))
+}
+
+fn refused_with(r: Result<(), String>, words: &str, what: &str) -> Result<()> {
+    match r {
+        Err(message) if message.contains(words) => Ok(()),
+        Err(message) => bail!("{what}: refused, but the message does not say {words:?}: {message}"),
+        Ok(()) => bail!("{what}: accepted"),
+    }
+}
+
+/// The chart's RBAC and admission policies, rendered by helm and applied to the cluster: an
+/// agent (authenticated with its pod's token, which names its node) writes only its own
+/// node's Machine (where it publishes the key peers pin) and only the Migrations its node is
+/// the target or planned source of; a namespace user cannot write a Migration's status.
+fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
+    let helm = ployz_e2e::env::helm(&env.root)?;
+    let chart = env.root.join("charts/ployz");
+    let mut template = std::process::Command::new(helm);
+    template
+        .args(["template", "ployz"])
+        .arg(&chart)
+        .args(["--namespace", AGENT_NS]);
+    for part in ["serviceaccount", "rbac", "admission-policies"] {
+        template.args(["--show-only", &format!("templates/{part}.yaml")]);
+    }
+    let rendered = run(&mut template)?;
+    // The chart's own copy of the CRDs, as `helm install` applies them.
+    env.block_on(k8s::install_crds(&env.client, &chart.join("crds")))?;
+    let file = env.state.join("chart-policies.yaml");
+    std::fs::write(&file, rendered)?;
+    env.block_on(k8s::create_namespace(&env.client, AGENT_NS))?;
+    kubectl(env, &["apply", "-f", &file.to_string_lossy()])?;
+
+    let machines: Api<Machine> = Api::all(env.client.clone());
+    for name in ["policy-a", "policy-b"] {
+        let m: Machine = serde_json::from_value(json!({
+            "apiVersion": "ployz.dev/v1alpha1", "kind": "Machine",
+            "metadata": {"name": name},
+            "spec": {"nodeName": name, "pool": "tank", "parentDataset": "tank/ployz", "endpoint": "198.18.0.99:7420"},
+        }))?;
+        env.block_on(machines.create(&PostParams::default(), &m))?;
+    }
+    let ns = "policy";
+    env.block_on(k8s::create_namespace(&env.client, ns))?;
+    let migrations: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    let req = MigrationRequest::new("policy/web".parse()?, "policy-a".parse()?);
+    env.block_on(migrations.create(&PostParams::default(), &req.to_migration()?))?;
+    // A cluster admin may still write status by hand (what the hostile tests do).
+    env.block_on(migrations.patch_status(
+        "web-to-policy-a",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"status": {"phase": "Sending", "plan": {
+            "source": "policy-c", "target": "policy-a",
+            "workload": {"kind": "Deployment", "name": "web"}, "volumes": []}}})),
+    ))?;
+
+    let (agent_a, agent_b) = (
+        agent_of(env, Some("policy-a"))?,
+        agent_of(env, Some("policy-b"))?,
+    );
+    // Policies take effect once the API server has loaded them.
+    wait_for(
+        "the admission policies to be enforced",
+        Duration::from_secs(30),
+        || Ok(set_pin(env, &agent_b, "policy-a")?.is_err()),
+    )?;
+    refused_with(
+        set_pin(env, &agent_b, "policy-a")?,
+        "may write only Machine policy-b, not policy-a",
+        "policy-b's agent publishing a key for policy-a",
+    )?;
+    set_pin(env, &agent_b, "policy-b")?
+        .map_err(|e| anyhow::anyhow!("policy-b's agent could not write its own Machine: {e}"))?;
+    refused_with(
+        set_pin(env, &agent_of(env, None)?, "policy-b")?,
+        "carries no node name",
+        "an agent token without a node name",
+    )?;
+    ensure!(
+        outcome(env.block_on(
+            Api::<Machine>::all(agent_b.clone()).delete("policy-b", &Default::default())
+        ))?
+        .is_err(),
+        "an agent deleted its Machine"
+    );
+
+    refused_with(
+        set_phase_message(env, &agent_b, ns, "web-to-policy-a")?,
+        "may write only Migrations whose target",
+        "policy-b's agent writing the status of a Migration from policy-c to policy-a",
+    )?;
+    set_phase_message(env, &agent_a, ns, "web-to-policy-a")?
+        .map_err(|e| anyhow::anyhow!("the target's agent could not write status: {e}"))?;
+
+    // A namespace user allowed by RBAC to write status is stopped by the policy.
+    kubectl(
+        env,
+        &[
+            "-n",
+            ns,
+            "create",
+            "role",
+            "status-writer",
+            "--verb=patch",
+            "--resource=migrations.ployz.dev/status",
+        ],
+    )?;
+    kubectl(
+        env,
+        &[
+            "-n",
+            ns,
+            "create",
+            "rolebinding",
+            "jane",
+            "--role=status-writer",
+            "--user=jane",
+        ],
+    )?;
+    let jane = client_as(env, "jane", &["system:authenticated"], None)?;
+    refused_with(
+        set_phase_message(env, &jane, ns, "web-to-policy-a")?,
+        "only the ployz agents write a Migration status (jane tried)",
+        "a namespace user writing status",
+    )?;
+    set_phase_message(env, &env.client, ns, "web-to-policy-a")?
+        .map_err(|e| anyhow::anyhow!("a cluster admin could not write status: {e}"))?;
+
+    // A namespace editor (the built-in `edit` role, which the chart's role aggregates into)
+    // creates Migrations in its namespace and nowhere else, and reads Machines.
+    kubectl(
+        env,
+        &[
+            "-n",
+            ns,
+            "create",
+            "rolebinding",
+            "editor",
+            "--clusterrole=edit",
+            "--user=editor",
+        ],
+    )?;
+    env.block_on(k8s::create_namespace(&env.client, "policy-other"))?;
+    let editor = client_as(env, "editor", &["system:authenticated"], None)?;
+    let create_in = |namespace: &str| -> Result<Result<(), String>> {
+        let api: Api<Migration> = Api::namespaced(editor.clone(), namespace);
+        let req = MigrationRequest::new(format!("{namespace}/db").parse()?, "policy-b".parse()?);
+        outcome(env.block_on(api.create(&PostParams::default(), &req.to_migration()?)))
+    };
+    wait_for(
+        "the edit role to aggregate ployz's rules",
+        Duration::from_secs(30),
+        || Ok(create_in(ns)?.is_ok()),
+    )?;
+    refused_with(
+        create_in("policy-other")?,
+        "forbidden",
+        "a namespace editor creating a Migration in another namespace",
+    )?;
+    outcome(env.block_on(Api::<Machine>::all(editor.clone()).list(&ListParams::default())))?
+        .map_err(|e| anyhow::anyhow!("a user could not list Machines: {e}"))?;
     Ok(())
 }
