@@ -8,7 +8,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 CACHE=${PLOYZ_CACHE:-$HOME/.cache/ployz}
-key=$( { cat "$here/pause.c" "$here/ledger.c" "$0"; gcc -dumpfullversion; dpkg-query -W busybox-static; } | sha256sum | cut -c1-16)
+key=$( { cat "$here/pause.c" "$here/ledger.c" "$here/mkimage.sh" "$0"; gcc -dumpfullversion; dpkg-query -W busybox-static; } | sha256sum | cut -c1-16)
 OUT="$CACHE/images/$key"
 if [ -f "$OUT/pause.tar" ] && [ -f "$OUT/ledger.tar" ]; then
   echo "$OUT"
@@ -18,22 +18,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$OUT"
 
-# docker-archive tar of one layer made from ROOTFS: mkimage REF OUT ROOTFS ENTRYPOINT_JSON
-mkimage() {
-  local ref=$1 out=$2 rootfs=$3 ep=$4 w lsha csha
-  w=$(mktemp -d -p "$work")
-  tar --numeric-owner --owner=0 --group=0 --sort=name --mtime=@0 -C "$rootfs" -cf "$w/layer.tar" .
-  lsha=$(sha256sum "$w/layer.tar" | cut -d' ' -f1)
-  mkdir "$w/$lsha"
-  mv "$w/layer.tar" "$w/$lsha/layer.tar"
-  printf '{"architecture":"amd64","os":"linux","created":"1970-01-01T00:00:00Z","config":{"Entrypoint":%s,"Env":["PATH=/bin"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created":"1970-01-01T00:00:00Z","created_by":"tests/images/build-images.sh"}]}' \
-    "$ep" "$lsha" > "$w/config.json"
-  csha=$(sha256sum "$w/config.json" | cut -d' ' -f1)
-  mv "$w/config.json" "$w/$csha.json"
-  printf '[{"Config":"%s.json","RepoTags":["%s"],"Layers":["%s/layer.tar"]}]\n' "$csha" "$ref" "$lsha" > "$w/manifest.json"
-  tar --sort=name --mtime=@0 --owner=0 --group=0 -C "$w" -cf "$out.tmp" manifest.json "$csha.json" "$lsha"
-  mv "$out.tmp" "$out"
-}
+# shellcheck source=tests/images/mkimage.sh
+source "$here/mkimage.sh"
 
 mkdir -p "$work/pause/bin" "$work/ledger/bin" "$work/ledger/data" "$work/ledger/tmp"
 gcc -O2 -Wall -Wextra -Werror -static -o "$work/pause/bin/pause" "$here/pause.c"

@@ -362,3 +362,81 @@ impl Agent {
         self.proc.check_running()
     }
 }
+
+/// Installs ployz as users do: the agent image, built offline from the agent binary and the
+/// machines' `zfs` (tests/images/build-agent-image.sh), imported into every node's
+/// containerd, then `helm install` of charts/ployz with `values` (`key=value`) on top of what
+/// the test machines need. Returns once every Machine is heart-beaten by its agent pod.
+pub fn install_chart(env: &Env, values: &[&str]) -> Result<()> {
+    let bin = agent_binary(&env.root)?;
+    let image = crate::process::run(
+        std::process::Command::new(env.root.join("tests/images/build-agent-image.sh"))
+            .arg(&bin)
+            .arg("ployz.dev/agent:e2e"),
+    )?;
+    for (node, machine) in env.nodes.iter().zip(&env.machines) {
+        node.import_image(machine, Path::new(image.trim()))?;
+        // As on a systemd host, where / is shared: the agent pod's view of the pool follows
+        // what zfs-fuse mounts there (Kubernetes allows the chart's Bidirectional propagation
+        // only on a shared mount, and the pool's root dataset is stacked on the machine's
+        // tmpfs at the same path, hence recursive from /). The machine's own mount namespace
+        // only; its mounts stay private until now, so the earlier tests' pods do not see
+        // nested datasets propagate into their volumes.
+        machine.sh("mount --make-rshared /")?;
+    }
+    let server = kube::config::Kubeconfig::read_from(env.kubeconfig()?)?
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| c.server.clone())
+        .context("no server in the kubeconfig")?;
+    let (host, port) = server
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .context("no port in the API server's URL")?;
+    let started = k8s_openapi::jiff::Timestamp::now();
+    let mut install = std::process::Command::new(crate::env::helm(&env.root)?);
+    install
+        .env("KUBECONFIG", env.kubeconfig()?)
+        .args(["install", "ployz"])
+        .arg(env.root.join("charts/ployz"))
+        .args(["--namespace", "ployz-system", "--create-namespace"])
+        .args(["--wait", "--timeout", "3m"])
+        .args([
+            "--set",
+            "image.repository=ployz.dev/agent,image.tag=e2e,image.pullPolicy=Never",
+        ])
+        // zfs-fuse's CLI talks to its daemon through the machine's /run/zfs.
+        .args(["--set", "zfs.command=/sbin/zfs,zfs.hostPaths={/run/zfs}"])
+        // No kube-proxy here: the pods reach the API server at its own address.
+        .args([
+            "--set",
+            &format!("apiServer.host={host},apiServer.port={port}"),
+        ])
+        .args(["--set", "agent.heartbeatSeconds=2"]);
+    for v in values {
+        install.args(["--set", v]);
+    }
+    crate::process::run(&mut install).context("helm install")?;
+    let machines: Api<Machine> = Api::all(env.client.clone());
+    for m in &env.machines {
+        let name = m.name.as_str();
+        env.block_on(until(
+            &format!("Machine {name} heart-beaten by its agent pod"),
+            Duration::from_secs(60),
+            || {
+                let machines = machines.clone();
+                async move {
+                    let s = machines
+                        .get_opt(name)
+                        .await?
+                        .and_then(|m| m.status)
+                        .unwrap_or_default();
+                    let fresh = s.heartbeat_time.is_some_and(|t| t.0 >= started);
+                    Ok((fresh && s.tls_pin.is_some()).then_some(()))
+                }
+            },
+        ))?;
+    }
+    Ok(())
+}

@@ -78,6 +78,8 @@ pub struct KubeNode {
     /// The CSI node plugin for zfs-localpv volumes (tests/csi-node).
     csi: Option<Proc>,
     containerd: Option<Proc>,
+    /// containerd's socket.
+    socket: PathBuf,
     cgroups: [Resource; 2],
 }
 
@@ -88,6 +90,19 @@ struct Dirs {
 }
 
 impl KubeNode {
+    /// Imports the docker-archive `tar` into this node's containerd (`machine` is its
+    /// machine), where the kubelet finds it: no registry is reachable.
+    pub fn import_image(&self, machine: &ZfsMachine, tar: &Path) -> Result<()> {
+        run(machine
+            .command("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", "k8s.io", "images", "import"])
+            .arg(tar))
+        .with_context(|| format!("importing {} on {}", tar.display(), self.name))
+        .map(drop)
+    }
+
     /// Starts containerd, the kubelet and the CSI node plugin `csi_plugin` of `machine` (its
     /// `index`, from 1, picks its pod network) and imports the images of `images` into
     /// containerd. The node registers itself; wait for it with the API.
@@ -127,6 +142,7 @@ impl KubeNode {
             kubelet: None,
             csi: None,
             containerd: None,
+            socket: dirs.containerd.join("containerd.sock"),
             cgroups,
         };
 
@@ -156,7 +172,7 @@ impl KubeNode {
             "/usr/bin/containerd",
             logs,
         )?);
-        let socket = dirs.containerd.join("containerd.sock");
+        let socket = node.socket.clone();
         wait_for(
             &format!("containerd on {name}"),
             Duration::from_secs(30),
@@ -168,13 +184,7 @@ impl KubeNode {
             },
         )?;
         for tar in ["pause.tar", "ledger.tar"] {
-            run(machine
-                .command("ctr")
-                .arg("--address")
-                .arg(&socket)
-                .args(["--namespace", "k8s.io", "images", "import"])
-                .arg(images.join(tar)))
-            .with_context(|| format!("importing {tar} on {name}"))?;
+            node.import_image(machine, &images.join(tar))?;
         }
 
         // The pod network: forwarding on the machine, routes from the host.

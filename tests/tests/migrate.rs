@@ -109,6 +109,11 @@ fn main() -> ExitCode {
                 "hostile_out_of_file_descriptors_the_agent_pauses_and_serves_again",
                 out_of_descriptors,
             ),
+            // Last: it replaces the process agents with the chart's pods.
+            (
+                "installed_with_helm_agents_run_as_pods_and_move_a_workload",
+                installed_with_helm,
+            ),
         ],
     )
 }
@@ -875,12 +880,8 @@ fn agent_killed_mid_send(env: &mut Env, ns: &str, victim: &str) -> Result<()> {
         );
         running.push(start_agent(env, victim)?);
     }
-    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
-    assert_succeeded(&m)?;
-    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let on_b = succeeded_on_b(env, ns, &vol, &app)?;
     let (a, b) = (env.machine(A)?, env.machine(B)?);
-    let on_b = mountpoint(b, &vol.dataset)?;
-    app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
     ensure!(
         a.checksums(&vol.path)? == b.checksums(&on_b)?,
         "checksums differ"
@@ -1648,4 +1649,87 @@ fn out_of_descriptors(env: &mut Env) -> Result<()> {
         },
     ))?;
     http_get(env, B, "/readyz").map(drop)
+}
+
+/// The agents as users install them: the agent image (built offline from the agent binary and
+/// the machines' `zfs`), imported into each node's containerd, and `helm install` of
+/// charts/ployz. The DaemonSet's pods authenticate with their bound service-account tokens,
+/// so the chart's admission policies hold them to their nodes; a Migration then runs
+/// through them.
+fn installed_with_helm(env: &mut Env) -> Result<()> {
+    let ag = agents(env)?;
+    for old in ag
+        .running
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .drain(..)
+    {
+        old.kill();
+    }
+    ployz_e2e::agents::install_chart(env, &["agent.openebsNamespace=openebs"])?;
+
+    let pods: Api<k8s_openapi::api::core::v1::Pod> =
+        Api::namespaced(env.client.clone(), "ployz-system");
+    let mut ready: Vec<(String, bool)> = env
+        .block_on(pods.list(&ListParams::default()))?
+        .items
+        .into_iter()
+        .map(|p| {
+            let node = p.spec.and_then(|s| s.node_name).unwrap_or_default();
+            let up = p
+                .status
+                .and_then(|s| s.container_statuses)
+                .is_some_and(|c| c.iter().all(|c| c.ready));
+            (node, up)
+        })
+        .collect();
+    ready.sort();
+    ensure!(
+        ready == [(A.to_string(), true), (B.to_string(), true)],
+        "agent pods (node, ready): {ready:?}"
+    );
+
+    let moved = move_through_pods(env);
+    // The pods' logs live in the machines' private /var/log: keep them with the suite's.
+    for p in env.block_on(pods.list(&ListParams::default()))?.items {
+        let (name, node) = (
+            p.metadata.name.clone().unwrap_or_default(),
+            p.spec.and_then(|s| s.node_name).unwrap_or_default(),
+        );
+        if let Ok(log) = env.block_on(pods.logs(&name, &Default::default())) {
+            std::fs::write(env.logs.join(format!("agent-pod-{node}.log")), log)?;
+        }
+    }
+    moved
+}
+
+/// machine-a to machine-b and back, through the agent pods.
+fn move_through_pods(env: &Env) -> Result<()> {
+    let ns = "mig-helm";
+    let (vol, app) = deployment_on_a(env, ns, 8)?;
+    migrate(env, &Request::new(ns, "web-to-b", B))?;
+    let on_b = succeeded_on_b(env, ns, &vol, &app)?;
+    wait_unlocked(env, ns)?;
+    // And back: the replica left on machine-a is unmounted, received into and promoted by
+    // its agent pod.
+    migrate(env, &Request::new(ns, "web-to-a", A))?;
+    let back = wait_phase(env, ns, "web-to-a", Phase::Succeeded)?;
+    assert_succeeded(&back)?;
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    app_moved(&app, &back, (b, &on_b), (a, &vol.path))?;
+    Ok(())
+}
+
+/// Waits until `web-to-b` of `ns` succeeds, then checks it as a move of `vol`: the volume
+/// and the app's pods on machine-b, every write the app acknowledged there. The volume's path
+/// on machine-b.
+fn succeeded_on_b(env: &Env, ns: &str, vol: &LocalVolume, app: &AckWatch) -> Result<String> {
+    let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
+    let on_b = mountpoint(b, &vol.dataset)?;
+    app_moved(app, &m, (a, &vol.path), (b, &on_b))?;
+    Ok(on_b)
 }

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail, ensure};
 use kube::api::Api;
 use ployz::api::Migration;
-use ployz_e2e::agents::{Agent, workspace_binary};
+use ployz_e2e::agents::{install_chart, workspace_binary};
 use ployz_e2e::env::{Env, Options, bin_dir};
 use ployz_e2e::k8s;
 use ployz_e2e::ledger::{self, AckWatch};
@@ -150,12 +150,11 @@ fn demo(env: &Env) -> Result<()> {
         ployzctl: workspace_binary(&env.root, "ployzctl", "ployzctl")?,
         kubeconfig: env.kubeconfig()?.to_path_buf(),
     };
-    step("installing the ployz CRDs and starting an agent on each machine");
-    env.block_on(k8s::install_crds(&env.client, &env.root.join("crds")))?;
-    let _agents = [
-        Agent::start(env, "machine-a", &[])?,
-        Agent::start(env, "machine-b", &[])?,
-    ];
+    step(
+        "installing ployz as users do: the agent image (built offline, imported into each node) and `helm install` of charts/ployz",
+    );
+    install_chart(env, &[])?;
+    show(&mut tools.kubectl(&["-n", "ployz-system", "get", "pods", "-o", "wide"]))?;
     show(&mut tools.ployzctl(&["machine", "ls"]))?;
 
     step(
