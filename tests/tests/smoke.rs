@@ -9,6 +9,7 @@ use std::process::{ExitCode, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::api::ListParams;
@@ -739,6 +740,68 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
     )?;
     set_phase_message(env, &agent_a, ns, "web-to-policy-a")?
         .map_err(|e| anyhow::anyhow!("the target's agent could not write status: {e}"))?;
+
+    // PVs: only local PVs below the pool's mount root (or zfs-localpv volumes).
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(agent_b.clone());
+    let pv = |name: &str, source: serde_json::Value| -> Result<Result<(), String>> {
+        let mut spec = json!({
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["policy-b"]}]}]}},
+        });
+        if let (Some(spec), Some(source)) = (spec.as_object_mut(), source.as_object()) {
+            spec.extend(source.clone());
+        }
+        let pv = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?;
+        outcome(env.block_on(pvs.create(&PostParams::default(), &pv)))
+    };
+    refused_with(
+        pv("policy-host-root", json!({"hostPath": {"path": "/"}}))?,
+        "writes only local PVs below /tank",
+        "an agent creating a hostPath PV",
+    )?;
+    refused_with(
+        pv("policy-etc", json!({"local": {"path": "/etc"}}))?,
+        "writes only local PVs below /tank",
+        "an agent creating a local PV outside the pool",
+    )?;
+    pv(
+        "policy-pool",
+        json!({"local": {"path": "/tank/ployz/policy-pool"}}),
+    )?
+    .map_err(|e| anyhow::anyhow!("an agent could not create a local PV in the pool: {e}"))?;
+
+    // Workloads: where they run, not what they run.
+    env.block_on(k8s::create_deployment(
+        &env.client,
+        ns,
+        "policy-web",
+        "data",
+    ))?;
+    let deployments: Api<Deployment> = Api::namespaced(agent_b.clone(), ns);
+    let patch = |p: serde_json::Value| {
+        outcome(env.block_on(deployments.patch(
+            "policy-web",
+            &PatchParams::default(),
+            &Patch::Strategic(p),
+        )))
+    };
+    refused_with(
+        patch(json!({"spec": {"template": {"spec": {"containers": [
+            {"name": "policy-web", "image": "attacker.example/shell:1"}]}}}}))?,
+        "may not change spec.template.spec.containers",
+        "an agent changing a workload's image",
+    )?;
+    refused_with(
+        patch(json!({"spec": {"template": {"spec": {"serviceAccountName": "admin"}}}}))?,
+        "may not change spec.template.spec.serviceAccountName",
+        "an agent changing a workload's service account",
+    )?;
+    patch(
+        json!({"spec": {"replicas": 0, "template": {"spec": {"nodeSelector": {
+        "kubernetes.io/hostname": "policy-b"}}}}}),
+    )?
+    .map_err(|e| anyhow::anyhow!("an agent could not scale and pin a workload: {e}"))?;
 
     // A namespace user allowed by RBAC to write status is stopped by the policy.
     kubectl(

@@ -1263,7 +1263,9 @@ async fn mark_replica(ctx: &Ctx, ds: &DatasetName, tag: &str) -> Result<(), ZfsE
     ctx.zfs.set(ds.as_str(), PROP_MIGRATION, tag).await?;
     ctx.zfs.set(ds.as_str(), "readonly", "on").await?;
     // zfs-fuse applies readonly only at mount time; the workload is gone, so remount.
-    let _ = ctx.zfs.unmount(ds).await;
+    if let Err(e) = ctx.zfs.unmount(ds).await {
+        warn!(%ds, error = %e, "cannot unmount the source's copy to remount it read-only");
+    }
     ctx.zfs.mount(ds).await
 }
 

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::authz::{Authorizer, Grant};
 use super::begin::BeginCheck;
@@ -173,8 +173,15 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             };
             let this = Arc::clone(&self);
             connections.spawn(async move {
-                if let Err(e) = this.handle(tcp).await {
-                    warn!(peer = %addr, error = %e, "transfer connection failed");
+                match this.handle(tcp).await {
+                    Ok(()) => {}
+                    // A peer's reachability probe (connect, then close) looks like this.
+                    Err(ServerError::Handshake(e))
+                        if e.kind() == std::io::ErrorKind::UnexpectedEof =>
+                    {
+                        debug!(peer = %addr, "closed before the TLS handshake");
+                    }
+                    Err(e) => warn!(peer = %addr, error = %e, "transfer connection failed"),
                 }
             });
         }
