@@ -137,7 +137,7 @@ async fn beat(ctx: &Ctx, api: &Api<Machine>, previous: Option<&Condition>) -> Re
         free_bytes: free,
         free: free.map(human_bytes),
         pool_mountpoint: pool_space.ok().and_then(|s| s.mountpoint),
-        tls_pin: Some(ctx.pin.to_string()),
+        tls_pin: Some(ctx.sender.pin().to_string()),
     };
     api.patch_status(
         &ctx.machine,

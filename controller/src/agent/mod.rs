@@ -134,8 +134,6 @@ pub struct Ctx {
     pub zfs: Arc<ZfsCli>,
     pub info: ZfsInfo,
     pub sender: Arc<Sender<ZfsCli>>,
-    /// This agent's TLS key, as its Machine publishes it.
-    pub pin: crate::transfer::tls::Pin,
     /// This machine's receiver, for role changes of its own copies when it drives.
     pub server: Arc<Server<ZfsCli, KubeAuthorizer>>,
     pub recorder: Recorder,
@@ -397,7 +395,6 @@ pub async fn run(config: Config) -> Result<()> {
         client: client.clone(),
         machine: machine.clone(),
         parent,
-        pin: identity.pin().clone(),
         sender: Arc::new(Sender::new(Arc::clone(&zfs), info.clone(), identity)),
         server: Arc::clone(&server),
         zfs,

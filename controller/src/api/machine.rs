@@ -118,7 +118,7 @@ pub struct MachineStatus {
     /// new key at each start and publishes it here; peers accept this machine's agent only
     /// with this key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^sha256:[0-9a-f]{64}$"))]
+    #[schemars(regex(pattern = crate::transfer::tls::PIN_PATTERN))]
     pub tls_pin: Option<String>,
 }
 

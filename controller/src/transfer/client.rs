@@ -191,6 +191,11 @@ impl<Z: Zfs + 'static> Sender<Z> {
         }
     }
 
+    /// The key this agent presents, which its Machine publishes.
+    pub fn pin(&self) -> &Pin {
+        self.identity.pin()
+    }
+
     /// Sends `job` over `tcp` (already connected to the target's endpoint).
     pub async fn send(
         &self,
