@@ -184,6 +184,101 @@ impl fmt::Display for ServiceRef {
     }
 }
 
+/// `NAME` or `NAMESPACE/NAME`, as kubectl takes an object on its command line: without a
+/// namespace, [`Ref::resolve`] takes the one from `-n` or the kubeconfig context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ref {
+    pub kind: NameKind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+/// Why a `NAME` or `NAMESPACE/NAME` argument was refused; every message ends with the
+/// expected form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RefError {
+    #[error("empty {}; {}", kind.what(), expected(*kind))]
+    Empty { kind: NameKind },
+    #[error("{value:?} has {parts} parts; {}", expected(*kind))]
+    TooManyParts {
+        kind: NameKind,
+        value: String,
+        parts: usize,
+    },
+    #[error("{error}; {}", expected(*kind))]
+    InvalidName { kind: NameKind, error: InvalidName },
+    #[error(
+        "{name:?} names namespace {given:?} but -n says {flag:?}; drop one of them, or make them agree"
+    )]
+    Conflict {
+        name: String,
+        given: String,
+        flag: String,
+    },
+}
+
+fn expected(kind: NameKind) -> String {
+    let (upper, example) = match kind {
+        NameKind::Migration => ("MIGRATION", "web-to-machine-b"),
+        NameKind::Machine => ("MACHINE", "machine-b"),
+        NameKind::Namespace => ("NAMESPACE", "production"),
+        NameKind::Service => ("SERVICE", "web"),
+    };
+    format!("expected {upper} or NAMESPACE/{upper}, for example {example} or production/{example}")
+}
+
+impl Ref {
+    /// Parses `s` as a `kind` name, optionally prefixed by its namespace.
+    pub fn parse(kind: NameKind, s: &str) -> Result<Self, RefError> {
+        if s.trim().is_empty() {
+            return Err(RefError::Empty { kind });
+        }
+        let parts: Vec<&str> = s.split('/').collect();
+        let (namespace, name) = match parts.as_slice() {
+            [name] => (None, *name),
+            [ns, name] => (Some(*ns), *name),
+            _ => {
+                return Err(RefError::TooManyParts {
+                    kind,
+                    value: s.to_string(),
+                    parts: parts.len(),
+                });
+            }
+        };
+        let invalid = |error| RefError::InvalidName { kind, error };
+        if let Some(ns) = namespace {
+            validate(NameKind::Namespace, ns).map_err(invalid)?;
+        }
+        validate(kind, name).map_err(invalid)?;
+        Ok(Self {
+            kind,
+            namespace: namespace.map(str::to_string),
+            name: name.to_string(),
+        })
+    }
+
+    /// The object's namespace: its own, else `flag` (`-n`), else `default` (the kubeconfig
+    /// context's). Its own and `-n` must agree, as kubectl requires.
+    pub fn resolve(&self, flag: Option<&str>, default: &str) -> Result<ServiceRef, RefError> {
+        let namespace = match (&self.namespace, flag) {
+            (Some(own), Some(flag)) if own != flag => {
+                return Err(RefError::Conflict {
+                    name: format!("{own}/{}", self.name),
+                    given: own.clone(),
+                    flag: flag.to_string(),
+                });
+            }
+            (Some(own), _) => own.clone(),
+            (None, Some(flag)) => flag.to_string(),
+            (None, None) => default.to_string(),
+        };
+        Ok(ServiceRef {
+            namespace,
+            service: self.name.clone(),
+        })
+    }
+}
+
 /// The name ployzctl gives a Migration: `SERVICE-to-MACHINE`, predictable so that GitOps diffs
 /// and `kubectl get migration web-to-machine-b` work. Names that would exceed the subdomain limit
 /// are cut and suffixed with a hash of the full name, so they stay unique and deterministic.
@@ -240,6 +335,49 @@ mod tests {
                 msg.contains("expected NAMESPACE/SERVICE"),
                 "{input:?}: {msg}"
             );
+        }
+    }
+
+    #[test]
+    fn refs_take_the_namespace_from_themselves_the_flag_or_the_context() {
+        let parse = |s| Ref::parse(NameKind::Service, s).unwrap_or_else(|e| panic!("{e}"));
+        let ns = |r: Ref, flag, default| {
+            r.resolve(flag, default)
+                .map(|r| r.to_string())
+                .unwrap_or_else(|e| e.to_string())
+        };
+        assert_eq!(ns(parse("web"), None, "ctx"), "ctx/web");
+        assert_eq!(ns(parse("web"), Some("prod"), "ctx"), "prod/web");
+        assert_eq!(ns(parse("prod/web"), None, "ctx"), "prod/web");
+        assert_eq!(ns(parse("prod/web"), Some("prod"), "ctx"), "prod/web");
+        let conflict = ns(parse("prod/web"), Some("dev"), "ctx");
+        assert!(conflict.contains("-n says \"dev\""), "{conflict}");
+    }
+
+    #[test]
+    fn refs_refuse_malformed_input_naming_what_they_expected() {
+        let cases = [
+            (NameKind::Service, "", "empty service"),
+            (NameKind::Service, "a/b/c", "has 3 parts"),
+            (NameKind::Service, "Prod/web", "did you mean \"prod\"?"),
+            (
+                NameKind::Service,
+                "prod/",
+                "service \"\" is not a valid name",
+            ),
+            (
+                NameKind::Migration,
+                "p/Web_Move",
+                "Migration name \"Web_Move\" is not a valid name",
+            ),
+        ];
+        for (kind, input, want) in cases {
+            let msg = Ref::parse(kind, input)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_else(|| panic!("{input:?} was accepted"));
+            assert!(msg.contains(want), "{input:?}: {msg}");
+            assert!(msg.contains("or NAMESPACE/"), "{input:?}: {msg}");
         }
     }
 

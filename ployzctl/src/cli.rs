@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ployz::api::{Compression, SourceCopy};
-use ployz::names::{MachineName, ServiceRef};
+use ployz::names::{MachineName, NameKind, Ref, RefError};
 
 /// ployzctl: move stateful workloads and their ZFS volumes between machines.
 #[derive(Debug, Parser)]
@@ -17,18 +17,46 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Flags every command takes.
+/// Flags every command takes, spelled as kubectl spells them.
 #[derive(Debug, Args)]
 pub struct GlobalArgs {
-    /// Print machine-readable JSON instead of human output.
-    #[arg(long, global = true)]
+    /// Output format instead of the human one: json, yaml, wide (tables with more columns) or
+    /// name (`kind.group/name` only). `apply` and `watch` print one JSON object per event.
+    #[arg(short, long, global = true, value_enum, value_name = "FORMAT")]
+    pub output: Option<OutputArg>,
+    /// Same as `-o json`.
+    #[arg(long, global = true, conflicts_with = "output")]
     pub json: bool,
-    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG", value_name = "PATH")]
+    /// The namespace of a NAME given without one (default: the kubeconfig context's namespace,
+    /// else "default").
+    #[arg(short, long, global = true, value_name = "NAMESPACE", value_parser = namespace)]
+    pub namespace: Option<String>,
+    /// Path to a kubeconfig file (default: the files $KUBECONFIG lists, merged, then
+    /// ~/.kube/config).
+    #[arg(long, global = true, value_name = "PATH")]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use (default: the current context).
     #[arg(long, global = true, value_name = "NAME")]
     pub context: Option<String>,
+}
+
+impl GlobalArgs {
+    /// The output asked for, `--json` being `-o json`.
+    pub fn output(&self) -> Option<OutputArg> {
+        if self.json {
+            Some(OutputArg::Json)
+        } else {
+            self.output
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputArg {
+    Json,
+    Yaml,
+    Wide,
+    Name,
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +67,24 @@ pub enum Command {
     /// The machines ployz agents publish.
     #[command(subcommand)]
     Machine(MachineCommand),
+    /// Print a shell completion script: `source <(ployzctl completion bash)`.
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+fn namespace(s: &str) -> Result<String, ployz::names::InvalidName> {
+    ployz::names::validate(NameKind::Namespace, s)?;
+    Ok(s.to_string())
+}
+
+fn workload(s: &str) -> Result<Ref, RefError> {
+    Ref::parse(NameKind::Service, s)
+}
+
+fn migration(s: &str) -> Result<Ref, RefError> {
+    Ref::parse(NameKind::Migration, s)
 }
 
 #[derive(Debug, Subcommand)]
@@ -76,10 +122,25 @@ pub enum MigrateCommand {
     },
     /// Follow an existing Migration until it ends.
     Watch {
-        /// The Migration, as NAMESPACE/NAME.
-        #[arg(value_name = "NAMESPACE/NAME")]
-        migration: ServiceRef,
+        #[arg(value_name = "MIGRATION", value_parser = migration)]
+        migration: Ref,
     },
+    /// List Migrations, in flight and ended, newest last.
+    #[command(visible_alias = "list")]
+    Ls {
+        /// In every namespace.
+        #[arg(short = 'A', long)]
+        all_namespaces: bool,
+    },
+    /// Show one Migration: its plan, volumes, passes, bytes, downtime, events and what to do
+    /// next.
+    Describe {
+        #[arg(value_name = "MIGRATION", value_parser = migration)]
+        migration: Ref,
+    },
+    /// Stop a Migration in flight and move the workload back to the source; the Migration
+    /// stays, ended Cancelled. One that has not started is deleted.
+    Cancel(ResolveArgs),
     /// End a Migration in flight with the workload on the source, for when no automatic
     /// choice is safe (docs/runbook.md): a rollback stops waiting for pods on the target.
     /// Run it only once the target machine is off or its pods are gone.
@@ -92,9 +153,8 @@ pub enum MigrateCommand {
 /// A Migration the operator decides about.
 #[derive(Debug, Args)]
 pub struct ResolveArgs {
-    /// The Migration, as NAMESPACE/NAME.
-    #[arg(value_name = "NAMESPACE/NAME")]
-    pub migration: ServiceRef,
+    #[arg(value_name = "MIGRATION", value_parser = migration)]
+    pub migration: Ref,
     /// Record the decision and return without following the Migration to its end.
     #[arg(long)]
     pub no_wait: bool,
@@ -103,10 +163,10 @@ pub struct ResolveArgs {
 /// What to migrate, where, and how.
 #[derive(Debug, Args)]
 pub struct MigrationArgs {
-    /// The workload to move, as NAMESPACE/SERVICE (a Deployment, StatefulSet, or a Service
-    /// selecting one).
-    #[arg(value_name = "NAMESPACE/SERVICE")]
-    pub workload: ServiceRef,
+    /// The workload to move: a Deployment, StatefulSet, or a Service selecting one, as SERVICE
+    /// or NAMESPACE/SERVICE.
+    #[arg(value_name = "SERVICE", value_parser = workload)]
+    pub workload: Ref,
     /// Machine to move it to.
     #[arg(long, value_name = "MACHINE")]
     pub to: MachineName,
@@ -114,7 +174,8 @@ pub struct MigrationArgs {
     /// anywhere else.
     #[arg(long, value_name = "MACHINE")]
     pub from: Option<MachineName>,
-    /// Name of the Migration object (default SERVICE-to-MACHINE).
+    /// Name of the Migration object. render-manifest's default is SERVICE-to-MACHINE (the same
+    /// every time, for GitOps); apply's is SERVICE-to-MACHINE-xxxxx, new at each move.
     #[arg(long)]
     pub name: Option<String>,
     /// Transfer rate limit in bytes per second, as a Kubernetes quantity (e.g. 100Mi).

@@ -51,6 +51,10 @@ fn main() -> ExitCode {
                 "ployzctl_preview_machine_ls_and_drain",
                 ployzctl_preview_and_drain,
             ),
+            (
+                "ployzctl_moves_there_back_and_there_again_then_cancels_one",
+                ployzctl_back_and_forth,
+            ),
             ("target_without_room_fails_cleanly", no_room),
             (
                 "pods_not_ready_on_target_roll_back_to_the_source",
@@ -982,6 +986,162 @@ fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
     ensure!(
         err.contains("machine-z") && err.contains("machine ls"),
         "unknown machine: {err}"
+    );
+    Ok(())
+}
+
+/// `ployzctl` as a user runs it, checked to succeed; its stdout.
+fn ployzctl_ok(env: &Env, args: &[&str]) -> Result<String> {
+    let out = ployzctl(env, args)?;
+    ensure!(
+        out.status.success(),
+        "ployzctl {}: {:?}\n{}{}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One workload moved A -> B -> A -> B by three `ployzctl migrate apply` calls (a new
+/// Migration each time, the namespace from -n or the reference, three output forms); `migrate
+/// ls` and `describe` show them; a fourth move is cancelled mid-send with `migrate cancel`
+/// and stays listed, Cancelled, with the workload where it was.
+fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
+    let ns = "mig-cli-moves";
+    let (vol, app) = deployment_on_a(env, ns, 4)?;
+    let b = env.machine(B)?;
+
+    // 1: -o json, one object per event, the last one the result.
+    let json = ployzctl_ok(
+        env,
+        &["-n", ns, "migrate", "apply", "web", "--to", B, "-o", "json"],
+    )?;
+    let events: Vec<serde_json::Value> = json
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("not one JSON object per line:\n{json}"))?;
+    let phases: Vec<&str> = events
+        .iter()
+        .filter(|e| e["type"] == "Phase")
+        .filter_map(|e| e["phase"].as_str())
+        .collect();
+    ensure!(
+        phases.contains(&"Sending") && phases.contains(&"CuttingOver"),
+        "phases seen: {phases:?}"
+    );
+    let result = events.last().context("no events")?;
+    ensure!(
+        result["type"] == "Result" && result["succeeded"] == true && result["phase"] == "Succeeded",
+        "{result}"
+    );
+    let on_b = mountpoint(b, &vol.dataset)?;
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+
+    // 2: back, human output, the namespace in the reference.
+    let human = ployzctl_ok(env, &["migrate", "apply", &format!("{ns}/web"), "--to", A])?;
+    ensure!(human.contains(": Succeeded, downtime "), "{human}");
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+
+    // 3: there again, -o name: the generated name on its own line.
+    let name_out = ployzctl_ok(
+        env,
+        &["migrate", "apply", "web", "-n", ns, "--to", B, "-o", "name"],
+    )?;
+    let third = name_out
+        .trim()
+        .strip_prefix("migration.ployz.dev/web-to-machine-b-")
+        .with_context(|| format!("-o name printed {name_out:?}"))?;
+    ensure!(third.len() == 5, "generated suffix {third:?}");
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    app.wait_acked_on(B)?;
+    Ledger::read(b, &on_b)?.check_acks(&app.acks())?;
+
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    let all = env.block_on(api.list(&ListParams::default()))?.items;
+    ensure!(all.len() == 3, "{} Migrations", all.len());
+    ensure!(all.iter().all(|m| phase(m) == Some(Phase::Succeeded)));
+    let ls = ployzctl_ok(env, &["migrate", "ls", "-n", ns])?;
+    let rows: Vec<&str> = ls.lines().collect();
+    ensure!(
+        rows.len() == 4 && rows[0].starts_with("NAME") && rows[0].contains("DOWNTIME"),
+        "{ls}"
+    );
+    let targets: Vec<&str> = rows[1..]
+        .iter()
+        .map(|r| r.split_whitespace().nth(3).unwrap_or_default())
+        .collect();
+    ensure!(targets == [B, A, B], "oldest first: {ls}");
+    let every = ployzctl_ok(env, &["migrate", "ls", "-A"])?;
+    ensure!(
+        every.starts_with("NAMESPACE") && every.lines().filter(|l| l.starts_with(ns)).count() == 3,
+        "{every}"
+    );
+    let third_name = format!("web-to-machine-b-{third}");
+    let described = ployzctl_ok(env, &["migrate", "describe", &format!("{ns}/{third_name}")])?;
+    for want in [
+        "Phase:       Succeeded",
+        &format!("From:        {A}"),
+        "Volumes:",
+        "Events:\n",
+        "Succeeded",
+        &format!("ployzctl migrate apply {ns}/web --to {A}"),
+    ] {
+        ensure!(described.contains(want), "{want:?} missing:\n{described}");
+    }
+
+    // 4: a slow move back, cancelled mid-send: the workload stays on B, the Migration stays.
+    write_files(b, &on_b, "cancel", 12)?;
+    let fourth = ployzctl_ok(
+        env,
+        &[
+            "-n",
+            ns,
+            "migrate",
+            "apply",
+            "web",
+            "--to",
+            A,
+            "--bandwidth-limit",
+            "1Mi",
+            "--no-wait",
+            "-o",
+            "name",
+        ],
+    )?;
+    let fourth = fourth
+        .trim()
+        .strip_prefix("migration.ployz.dev/")
+        .with_context(|| format!("-o name printed {fourth:?}"))?
+        .to_string();
+    wait_sent(env, ns, &fourth, 1 << 20)?;
+    let cancel = ployzctl_ok(env, &["-n", ns, "migrate", "cancel", &fourth])?;
+    ensure!(cancel.contains(": Cancelled"), "{cancel}");
+    let m = get(env, ns, &fourth)?;
+    ensure!(
+        m.status.as_ref().and_then(|s| s.reason.as_deref()) == Some("Cancelled"),
+        "{:?}",
+        m.status
+    );
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let before = app.acks();
+    wait_for(
+        "the app to write on machine-b after the cancel",
+        DONE,
+        || {
+            Ok(app.acks().by_writer.iter().any(|(w, &seq)| {
+                ledger::node_of(w) == Some(B) && before.by_writer.get(w).is_none_or(|&s| seq > s)
+            }))
+        },
+    )?;
+    Ledger::read(b, &on_b)?.check_acks(&app.acks())?;
+    let again = ployzctl(env, &["-n", ns, "migrate", "cancel", &fourth])?;
+    let err = String::from_utf8_lossy(&again.stderr);
+    ensure!(
+        again.status.code() == Some(1) && err.contains("already ended Cancelled"),
+        "cancel after the end: {err}"
     );
     Ok(())
 }

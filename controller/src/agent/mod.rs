@@ -5,6 +5,7 @@
 mod http;
 mod machine;
 pub mod metrics;
+pub use machine::human_bytes;
 mod retention;
 mod source;
 mod status;

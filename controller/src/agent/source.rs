@@ -180,6 +180,7 @@ async fn observe(
             .and_then(|c| c.scaled_up.as_ref())
             .map(elapsed),
         resolve: match m.annotations().get(RESOLVE_ANNOTATION).map(String::as_str) {
+            Some("cancel") => Some(flow::Resolve::Cancel),
             Some("abandon") => Some(flow::Resolve::Abandon),
             Some("complete") => Some(flow::Resolve::Complete),
             _ => None,

@@ -8,6 +8,7 @@
 //! | stage                  | when                                   | effect           | then                      |
 //! |------------------------|----------------------------------------|------------------|---------------------------|
 //! | any in flight          | Migration deleted                      | abort transfers  | RollingBack(Cancelled)    |
+//! | any in flight          | operator: cancel                       | abort transfers  | RollingBack(Cancelled)    |
 //! | any in flight          | workload deleted                       | abort transfers  | RollingBack(WorkloadGone) |
 //! | any in flight          | operator: abandon                      | abort transfers  | RollingBack(Abandoned)    |
 //! | Snapshotting           |                                        | snapshot pass N  | Sending                   |
@@ -159,10 +160,13 @@ pub enum Pinning {
     Target,
 }
 
-/// The operator's word on a Migration no automatic choice can end safely
-/// (`ployzctl migrate abandon|complete`, the `ployz.dev/resolve` annotation).
+/// The operator's word on a Migration in flight (`ployzctl migrate cancel|abandon|complete`,
+/// the `ployz.dev/resolve` annotation).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Resolve {
+    /// Stop and go back to the source, as deleting the Migration does, but keep the
+    /// Migration (it ends Cancelled) as the record of what happened.
+    Cancel,
     /// End it with the workload on the source. The operator vouches that no pod of the
     /// workload runs on the target (its machine is off), so a rollback stops waiting for them.
     Abandon,
@@ -344,6 +348,12 @@ pub fn decide(s: &MigrationStatus, f: &Facts, l: &Limits) -> Decision {
                 return roll_back(
                     Reason::Cancelled,
                     "the Migration was deleted in flight; moving the workload back to the source",
+                );
+            }
+            if f.resolve == Some(Resolve::Cancel) {
+                return roll_back(
+                    Reason::Cancelled,
+                    "cancelled by the operator (ployzctl migrate cancel); moving the workload back to the source",
                 );
             }
             let Some(w) = f.workload else {

@@ -134,6 +134,33 @@ fn deleting_in_flight_rolls_back_as_cancelled_and_stops_transfers() {
 }
 
 #[test]
+fn cancel_in_flight_rolls_back_as_cancelled_at_every_stage() {
+    for s in every_stage_in_flight() {
+        let d = decide_(
+            &s,
+            &Facts {
+                resolve: Some(Resolve::Cancel),
+                ..facts()
+            },
+        );
+        assert_eq!(d.effect, Effect::AbortTransfers, "{:?}", s.phase);
+        assert_eq!(rolled_back_with(&d), Some(Reason::Cancelled), "{:?}", s);
+    }
+    // A cancel recorded during a rollback changes nothing: the rollback goes on.
+    let mut back = cutover(CutoverStep::ScaledDown);
+    back.phase = Some(Phase::RollingBack);
+    back.reason = Some(Reason::TargetNotReady.as_str().into());
+    let cancelled = decide_(
+        &back,
+        &Facts {
+            resolve: Some(Resolve::Cancel),
+            ..facts()
+        },
+    );
+    assert_eq!(cancelled, decide_(&back, &facts()));
+}
+
+#[test]
 fn a_workload_deleted_in_flight_rolls_back_as_workload_gone() {
     for s in every_stage_in_flight() {
         let d = decide_(
