@@ -91,11 +91,18 @@ fn migration(s: &str) -> Result<Ref, RefError> {
 pub enum MachineCommand {
     /// List machines: readiness, drain state, pool, free space, ZFS.
     Ls,
-    /// Mark a machine as draining: it accepts no more incoming migrations. Lists the
-    /// workloads with ZFS volumes still on it, and the commands that move them.
+    /// Empty a machine: cordon its node, mark it draining (no incoming migrations), find
+    /// every workload with a ZFS volume on it and, with --to or --evacuate, move each away
+    /// (one Migration per workload, each result reported); without them, list what is there.
     Drain {
         machine: MachineName,
-        /// Undo a drain.
+        /// Move every workload found to this machine.
+        #[arg(long, value_name = "MACHINE", conflicts_with_all = ["undo", "evacuate"])]
+        to: Option<MachineName>,
+        /// Move every workload found to the Ready machine with the most free space.
+        #[arg(long, conflicts_with = "undo")]
+        evacuate: bool,
+        /// Undo a drain: uncordon the node, accept migrations again.
         #[arg(long)]
         undo: bool,
     },

@@ -122,9 +122,19 @@ fn run(cli: &Cli, bin: &str) -> Result<String, CliError> {
             let s = Session::connect(g)?;
             s.rt.block_on(machine::ls(s.client.clone(), out))
         }
-        Command::Machine(MachineCommand::Drain { machine, undo }) => {
+        Command::Machine(MachineCommand::Drain {
+            machine,
+            to,
+            evacuate,
+            undo,
+        }) => {
             let s = Session::connect(g)?;
-            s.rt.block_on(machine::drain(s.client.clone(), machine, *undo, out))
+            let to = match (to, evacuate) {
+                (Some(t), _) => machine::MoveTo::Machine(t.clone()),
+                (None, true) => machine::MoveTo::Roomiest,
+                (None, false) => machine::MoveTo::Nowhere,
+            };
+            s.rt.block_on(machine::drain(s.client.clone(), machine, to, *undo, out))
         }
     }
 }

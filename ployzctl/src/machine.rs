@@ -2,13 +2,19 @@
 
 use std::fmt::Write as _;
 
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::{Node, PersistentVolume};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::{Client, ResourceExt};
 use ployz::agent::human_bytes;
-use ployz::api::{Machine, Migration, Phase, ZfsImplementation};
-use ployz::names::MachineName;
+use ployz::api::{Machine, Migration, ZfsImplementation};
+use ployz::manifest::MigrationRequest;
+use ployz::names::{MachineName, ServiceRef};
 use ployz::plan::machine_ready;
+use ployz::plan::observe::observe;
+use ployz::plan::residents::{self, Resident};
 use serde_json::json;
 
 use crate::cli::OutputArg;
@@ -119,19 +125,34 @@ pub async fn ls(client: Client, out: Option<OutputArg>) -> Result<String, CliErr
     output::table(&header, &rows)
 }
 
+/// Where `drain` moves the workloads it finds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MoveTo {
+    /// Nowhere: list them, with the commands that move them.
+    Nowhere,
+    Machine(MachineName),
+    /// The Ready, non-draining machine with the most free space.
+    Roomiest,
+}
+
+/// `machine drain`: cordons the node, marks the Machine draining, finds every workload with
+/// a ZFS volume on it (from the PVs, whoever put them there) and moves each away, one
+/// Migration per workload, or lists them. `--undo` reverses the first two.
 pub async fn drain(
     client: Client,
     machine: &MachineName,
+    to: MoveTo,
     undo: bool,
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
     let api: Api<Machine> = Api::all(client.clone());
     let name = machine.as_str();
-    if api.get_opt(name).await.map_err(explain)?.is_none() {
+    let Some(m) = api.get_opt(name).await.map_err(explain)? else {
         return Err(CliError::Failed(anyhow::anyhow!(
             "there is no machine {name:?}; see `ployzctl machine ls`"
         )));
-    }
+    };
+    let node = m.spec.node_name.clone();
     // Server-side apply with our own field manager: the agent owns the rest of the spec.
     let patch = json!({
         "apiVersion": "ployz.dev/v1alpha1",
@@ -144,40 +165,212 @@ pub async fn drain(
         &PatchParams::apply("ployzctl").force(),
         &Patch::Apply(&patch),
     )
-    .await?;
-    // Workloads that still live there: those the last successful migrations moved in.
-    let migrations: Api<Migration> = Api::all(client);
-    let mut here: Vec<String> = migrations
-        .list(&ListParams::default())
-        .await?
-        .items
-        .iter()
-        .filter(|m| {
-            m.status.as_ref().is_some_and(|s| {
-                s.phase == Some(Phase::Succeeded)
-                    && s.plan.as_ref().is_some_and(|p| p.target == name)
-            })
-        })
-        .map(|m| format!("{}/{}", m.namespace().unwrap_or_default(), m.spec.service))
-        .collect();
-    here.sort();
-    here.dedup();
-    if out == Some(OutputArg::Json) {
-        return Ok(format!(
-            "{}\n",
-            json!({"machine": name, "draining": !undo, "workloadsMovedHere": here})
-        ));
+    .await
+    .map_err(explain)?;
+    // Cordon, as `kubectl cordon`: no new pods are scheduled there.
+    let nodes: Api<Node> = Api::all(client.clone());
+    nodes
+        .patch(
+            &node,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"unschedulable": !undo}})),
+        )
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "{} node {node}: {e}",
+                if undo { "uncordoning" } else { "cordoning" }
+            )
+        })?;
+    if undo {
+        return Ok(match out {
+            Some(OutputArg::Json) => format!(
+                "{}\n",
+                json!({"machine": name, "draining": false, "cordoned": false})
+            ),
+            _ => format!("machine {name} accepts migrations again; node {node} uncordoned\n"),
+        });
     }
-    let mut out = if undo {
-        format!("machine {name} accepts migrations again\n")
-    } else {
-        format!("machine {name} is draining: it accepts no incoming migrations\n")
+    let found = residents(&client, &node).await?;
+    let target = match &to {
+        MoveTo::Nowhere => None,
+        MoveTo::Machine(t) if t == machine => {
+            return Err(CliError::usage(format!(
+                "--to {t} is the machine being drained; pick another machine (`ployzctl machine ls`)"
+            )));
+        }
+        MoveTo::Machine(t) => Some(t.to_string()),
+        MoveTo::Roomiest => Some(roomiest(&client, name).await?),
     };
-    if !undo && !here.is_empty() {
-        out.push_str("workloads ployz moved here; move them away with:\n");
-        for w in &here {
-            let _ = writeln!(out, "  ployzctl migrate apply {w} --to MACHINE");
+    let human = out.is_none() || out == Some(OutputArg::Wide);
+    let mut report = vec![];
+    for r in &found {
+        let key = format!("{}/{}", r.namespace, r.workload.reference.name);
+        let what = format!("{} {key}", r.workload.reference.kind);
+        let entry = |status: &str, migration: Option<String>, message: String| {
+            json!({"workload": key, "kind": r.workload.reference.kind, "result": status,
+                   "migration": migration, "message": message})
+        };
+        if let Err(why) = &r.volumes {
+            report.push(entry("Blocked", None, why.clone()));
+            continue;
+        }
+        let Some(target) = &target else {
+            report.push(entry("Found", None, String::new()));
+            continue;
+        };
+        if human {
+            eprintln!("moving {what} to {target}");
+        }
+        match move_one(&client, r, target, out).await {
+            Ok(migration) => report.push(entry("Moved", Some(migration), String::new())),
+            Err((migration, e)) => report.push(entry("Failed", migration, format!("{e}"))),
         }
     }
-    Ok(out)
+    let failed = report
+        .iter()
+        .filter(|r| r["result"] == "Failed" || r["result"] == "Blocked")
+        .count();
+    let text = if out == Some(OutputArg::Json) {
+        format!(
+            "{}\n",
+            json!({"machine": name, "node": node, "draining": true, "cordoned": true,
+                   "to": target, "workloads": report})
+        )
+    } else {
+        drain_text(name, &node, target.as_deref(), &report)?
+    };
+    if failed == 0 {
+        return Ok(text);
+    }
+    print!("{text}");
+    Err(CliError::Failed(anyhow::anyhow!(
+        "{failed} of {} workload(s) are still on {name}; see above",
+        report.len()
+    )))
+}
+
+fn drain_text(
+    name: &str,
+    node: &str,
+    target: Option<&str>,
+    report: &[serde_json::Value],
+) -> Result<String, CliError> {
+    let mut text =
+        format!("machine {name} is draining (no incoming migrations); node {node} cordoned\n");
+    if report.is_empty() {
+        text.push_str("no workload has a ZFS volume on it\n");
+        return Ok(text);
+    }
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let rows: Vec<Vec<String>> = report
+        .iter()
+        .map(|r| {
+            vec![
+                s(&r["workload"]),
+                s(&r["kind"]),
+                s(&r["result"]),
+                r["migration"].as_str().unwrap_or("-").to_string(),
+                s(&r["message"]),
+            ]
+        })
+        .collect();
+    text.push_str(&output::table(
+        &["WORKLOAD", "KIND", "RESULT", "MIGRATION", "MESSAGE"],
+        &rows,
+    )?);
+    if target.is_none() {
+        let _ = writeln!(
+            text,
+            "move them with `ployzctl machine drain {name} --to MACHINE` (or --evacuate), or one by one:"
+        );
+        for r in report.iter().filter(|r| r["result"] == "Found") {
+            let _ = writeln!(
+                text,
+                "  ployzctl migrate apply {} --to MACHINE",
+                s(&r["workload"])
+            );
+        }
+    }
+    Ok(text)
+}
+
+/// Every workload with a volume on `node`, namespace by namespace (those holding a PV's
+/// claim), as the planner resolves them.
+async fn residents(client: &Client, node: &str) -> Result<Vec<Resident>, CliError> {
+    let pvs: Api<PersistentVolume> = Api::all(client.clone());
+    let namespaces: BTreeSet<String> = pvs
+        .list(&ListParams::default())
+        .await
+        .map_err(explain)?
+        .items
+        .iter()
+        .filter_map(|pv| pv.spec.as_ref()?.claim_ref.as_ref()?.namespace.clone())
+        .collect();
+    let mut found = vec![];
+    for ns in namespaces {
+        let obs = observe(client, &ns, &crate::migrate::openebs_namespace())
+            .await
+            .map_err(explain)?;
+        found.extend(residents::residents(&obs, node));
+    }
+    Ok(found)
+}
+
+/// The Ready, non-draining machine other than `except` with the most free space.
+async fn roomiest(client: &Client, except: &str) -> Result<String, CliError> {
+    let api: Api<Machine> = Api::all(client.clone());
+    let now = Some(Timestamp::now());
+    api.list(&ListParams::default())
+        .await
+        .map_err(explain)?
+        .items
+        .into_iter()
+        .filter(|m| m.name_any() != except && !m.spec.draining && machine_ready(m, now))
+        .max_by_key(|m| m.status.as_ref().and_then(|s| s.free_bytes))
+        .map(|m| m.name_any())
+        .ok_or_else(|| {
+            CliError::Failed(anyhow::anyhow!(
+                "no other machine is Ready and accepting migrations (`ployzctl machine ls`); the workloads stay, the node stays cordoned"
+            ))
+        })
+}
+
+/// Moves one resident to `target` with a new Migration and follows it to its end.
+async fn move_one(
+    client: &Client,
+    r: &Resident,
+    target: &str,
+    out: Option<OutputArg>,
+) -> Result<String, (Option<String>, anyhow::Error)> {
+    let fail = |e: anyhow::Error| (None, e);
+    let workload = ServiceRef {
+        namespace: r.namespace.clone(),
+        service: r.workload.reference.name.clone(),
+    };
+    let to: MachineName = target.parse().map_err(|e| fail(anyhow::anyhow!("{e}")))?;
+    let mut m = MigrationRequest::new(workload, to)
+        .to_migration()
+        .map_err(|e| fail(e.into()))?;
+    m.metadata.generate_name = m.metadata.name.take().map(|n| format!("{n}-"));
+    let api: Api<Migration> = Api::namespaced(client.clone(), &r.namespace);
+    let created = api
+        .create(&PostParams::default(), &m)
+        .await
+        .map_err(|e| fail(explain(e)))?;
+    let name = created.name_any();
+    let key = format!("{}/{name}", r.namespace);
+    // Human output shows each move's phases; the others print only the final report.
+    let quiet = if out.is_none() {
+        None
+    } else {
+        Some(OutputArg::Name)
+    };
+    match crate::migrate::follow(api, &name, quiet).await {
+        Ok(text) => {
+            eprint!("{text}");
+            Ok(key)
+        }
+        Err(e) => Err((Some(key), anyhow::anyhow!("{e}"))),
+    }
 }

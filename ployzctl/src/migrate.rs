@@ -89,7 +89,7 @@ fn display_name(m: &Migration) -> String {
     }
 }
 
-fn openebs_namespace() -> String {
+pub fn openebs_namespace() -> String {
     std::env::var("PLOYZ_OPENEBS_NAMESPACE").unwrap_or_else(|_| "openebs".into())
 }
 

@@ -15,6 +15,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::PersistentVolume;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use kube::ResourceExt;
 use kube::api::ListParams;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use ployz::api::{Migration, Phase};
@@ -40,6 +41,11 @@ fn main() -> ExitCode {
         Options::new("migrate"),
         &[
             ("agent_without_crds_fails_fast", agent_without_crds),
+            // Early: it moves every ZFS-backed workload on machine-a, so only its own.
+            (
+                "machine_drain_moves_every_zfs_workload_away_and_cordons",
+                drain_moves_everything,
+            ),
             (
                 "deployment_moves_to_b_and_back_with_only_the_delta",
                 deployment_moves_and_back,
@@ -951,6 +957,7 @@ fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
         "{}",
         String::from_utf8_lossy(&drain.stderr)
     );
+    ensure!(unschedulable(env, B)?, "drain left node {B} schedulable");
     let refused = ployzctl(
         env,
         &["migrate", "preview", &format!("{ns}/web"), "--to", B],
@@ -971,6 +978,7 @@ fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
     // The agent's heartbeat keeps its own fields and leaves `draining` to ployzctl.
     let machines: Api<ployz::api::Machine> = Api::all(env.client.clone());
     ensure!(!env.block_on(machines.get(B))?.spec.draining);
+    ensure!(!unschedulable(env, B)?, "--undo left node {B} cordoned");
 
     let unknown = ployzctl(
         env,
@@ -1143,6 +1151,94 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
         again.status.code() == Some(1) && err.contains("already ended Cancelled"),
         "cancel after the end: {err}"
     );
+    Ok(())
+}
+
+fn unschedulable(env: &Env, node: &str) -> Result<bool> {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let n = env.block_on(nodes.get(node))?;
+    Ok(n.spec.and_then(|s| s.unschedulable).unwrap_or(false))
+}
+
+/// `ployzctl machine drain machine-a --to machine-b` finds the two workloads with a ZFS
+/// volume on machine-a (none of them moved there by ployz) and moves each with its own
+/// Migration; the one without a volume is not touched; the node stays cordoned, the Machine
+/// draining, until `--undo`.
+fn drain_moves_everything(env: &mut Env) -> Result<()> {
+    let ns = "mig-drain";
+    let (vol, app) = deployment_on_a(env, ns, 2)?;
+    let a = env.machine(A)?;
+    let db = env.block_on(k8s::create_local_volume(&env.client, a, ns, "db-data"))?;
+    env.block_on(k8s::create_deployment_with(
+        &env.client,
+        ns,
+        "db",
+        "db-data",
+        &k8s::AppOptions::default(),
+    ))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=db", A, 1))?;
+
+    // Without a target: the list, and nothing moves.
+    let listed = ployzctl_ok(env, &["machine", "drain", A])?;
+    for want in [
+        &format!("{ns}/web"),
+        &format!("{ns}/db"),
+        "Found",
+        "cordoned",
+    ] {
+        ensure!(listed.contains(want), "{want:?} missing:\n{listed}");
+    }
+    ensure!(unschedulable(env, A)?, "node {A} not cordoned");
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+    ensure!(
+        env.block_on(api.list(&ListParams::default()))?
+            .items
+            .is_empty()
+    );
+
+    let out = ployzctl_ok(env, &["-o", "json", "machine", "drain", A, "--to", B])?;
+    let report: serde_json::Value = serde_json::from_str(&out)?;
+    let results: Vec<(String, String)> = report["workloads"]
+        .as_array()
+        .context("no workloads")?
+        .iter()
+        .map(|w| (w["workload"].to_string(), w["result"].to_string()))
+        .collect();
+    ensure!(results.len() == 2, "{report}");
+    ensure!(results.iter().all(|(_, r)| r == "\"Moved\""), "{report}");
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    assert_on(env, ns, &db.pv, "app=db", B)?;
+    app.wait_acked_on(B)?;
+    let b = env.machine(B)?;
+    Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&app.acks())?;
+    let migrations = env.block_on(api.list(&ListParams::default()))?.items;
+    ensure!(
+        migrations.len() == 2
+            && migrations
+                .iter()
+                .all(|m| phase(m) == Some(Phase::Succeeded)),
+        "one Succeeded Migration per workload: {:?}",
+        migrations
+            .iter()
+            .map(|m| (m.name_any(), phase(m)))
+            .collect::<Vec<_>>()
+    );
+    ensure!(unschedulable(env, A)?, "node {A} uncordoned by the moves");
+    let machines: Api<ployz::api::Machine> = Api::all(env.client.clone());
+    ensure!(env.block_on(machines.get(A))?.spec.draining);
+
+    // Empty now: a second drain finds nothing.
+    let again = ployzctl_ok(env, &["machine", "drain", A, "--evacuate"])?;
+    ensure!(
+        again.contains("no workload has a ZFS volume on it"),
+        "{again}"
+    );
+    ployzctl_ok(env, &["machine", "drain", A, "--undo"])?;
+    ensure!(
+        !unschedulable(env, A)?,
+        "node {A} still cordoned after --undo"
+    );
+    ensure!(!env.block_on(machines.get(A))?.spec.draining);
     Ok(())
 }
 

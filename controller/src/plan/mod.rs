@@ -7,6 +7,7 @@
 
 pub mod observe;
 pub mod rebind;
+pub mod residents;
 pub mod resolve;
 #[cfg(test)]
 mod tests;

@@ -99,6 +99,14 @@ fn template_claims(t: &PodTemplateSpec) -> Vec<String> {
         .collect()
 }
 
+/// Every Deployment and StatefulSet of the namespace, as workloads.
+pub fn workloads(obs: &Observed) -> Vec<Workload> {
+    let deployments = obs.deployments.iter().filter_map(deployment);
+    deployments
+        .chain(obs.statefulsets.iter().filter_map(statefulset))
+        .collect()
+}
+
 /// The Deployment or StatefulSet named `service`, or the only one the Service `service`
 /// selects.
 pub fn workload(obs: &Observed, service: &str) -> Result<Workload, PlanError> {

@@ -452,3 +452,51 @@ fn a_plan_is_checked_against_the_live_objects() {
         Some(Reason::PlanMismatch)
     );
 }
+
+#[test]
+fn residents_are_the_workloads_with_a_volume_on_the_machine() {
+    let mut obs = observed();
+    let ns_workload = |name: &str, claim: &str| -> Deployment {
+        de(json!({
+            "metadata": {"name": name},
+            "spec": {"selector": {"matchLabels": {"app": name}},
+                     "template": {"metadata": {"labels": {"app": name}}, "spec": {
+                         "containers": [{"name": "c"}],
+                         "volumes": [{"name": "d", "persistentVolumeClaim": {"claimName": claim}}]}}},
+        }))
+    };
+    // "db" lives on b; "cache" mounts no claim; "odd" is on a but not on a ZFS path.
+    obs.deployments.push(ns_workload("db", "db-data"));
+    obs.deployments.push(de(json!({
+        "metadata": {"name": "cache"},
+        "spec": {"selector": {"matchLabels": {"app": "cache"}},
+                 "template": {"metadata": {"labels": {"app": "cache"}},
+                              "spec": {"containers": [{"name": "c"}]}}},
+    })));
+    obs.deployments.push(ns_workload("odd", "odd-data"));
+    obs.claims.push(claim("db-data", "pv-2"));
+    obs.claims.push(claim("odd-data", "pv-3"));
+    obs.volumes.push(pv("pv-2", "b", "/tank/ployz/pv-2"));
+    obs.volumes.push(pv("pv-3", "a", "/srv/elsewhere"));
+
+    let on_a = residents::residents(&obs, "a");
+    let names: Vec<&str> = on_a
+        .iter()
+        .map(|r| r.workload.reference.name.as_str())
+        .collect();
+    assert_eq!(names, ["web", "odd"]);
+    assert!(
+        on_a[0]
+            .volumes
+            .as_ref()
+            .is_ok_and(|v| v[0].volume == "pv-1")
+    );
+    // Reported with the planner's reason, not silently left behind.
+    let why = on_a[1].volumes.clone().err().unwrap_or_default();
+    assert!(why.contains("pv-3"), "{why}");
+
+    let on_b = residents::residents(&obs, "b");
+    assert_eq!(on_b.len(), 1);
+    assert_eq!(on_b[0].workload.reference.name, "db");
+    assert!(residents::residents(&obs, "c").is_empty());
+}
