@@ -89,7 +89,7 @@ bench: deps bins images
 # this machine's `zfs` userland (tests/images/build-agent-image.sh); prints the image's tar,
 # ready for `ctr images import` or `docker load`. Containerfile builds the same for a registry.
 image:
-	$(CARGO) build --release --locked -p ployz --bin ployz-controller -p ployzctl --bin ployzctl
+	$(CARGO) build --release --locked -p ployz --bin ployz-controller -p ployzctl --bin ployzctl --bin kubectl-ployz
 	@tests/images/build-agent-image.sh target/release/ployz-controller \
 		ployz.dev/agent:$$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/ployz/Chart.yaml)
 
@@ -100,7 +100,7 @@ crds:
 	$(CARGO) run -q -p ployz --bin crdgen -- charts/ployz/crds
 
 examples:
-	$(CARGO) run -q -p ployzctl -- migrate render-manifest production/web --to machine-b > examples/migration.yaml
+	$(CARGO) run -q -p ployzctl --bin ployzctl -- migrate render-manifest production/web --to machine-b > examples/migration.yaml
 
 fmt:
 	$(CARGO) fmt --all

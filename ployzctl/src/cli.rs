@@ -74,6 +74,35 @@ pub enum Command {
     },
 }
 
+/// `--to`: a machine's name, or one of its addresses (resolved against the cluster).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Name(MachineName),
+    Address(std::net::IpAddr),
+}
+
+impl std::str::FromStr for Target {
+    type Err = ployz::names::InvalidName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+            return Ok(Target::Address(ip));
+        }
+        if let Ok(addr) = s.parse::<std::net::SocketAddr>() {
+            return Ok(Target::Address(addr.ip()));
+        }
+        s.parse().map(Target::Name)
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Name(n) => write!(f, "{n}"),
+            Target::Address(a) => write!(f, "{a}"),
+        }
+    }
+}
+
 fn namespace(s: &str) -> Result<String, ployz::names::InvalidName> {
     ployz::names::validate(NameKind::Namespace, s)?;
     Ok(s.to_string())
@@ -174,9 +203,10 @@ pub struct MigrationArgs {
     /// or NAMESPACE/SERVICE.
     #[arg(value_name = "SERVICE", value_parser = workload)]
     pub workload: Ref,
-    /// Machine to move it to.
+    /// Machine to move it to: its name, or an address it publishes (its agent's endpoint or
+    /// one of its node's addresses).
     #[arg(long, value_name = "MACHINE")]
-    pub to: MachineName,
+    pub to: Target,
     /// Machine it is expected to run on now; the migration fails instead of moving it from
     /// anywhere else.
     #[arg(long, value_name = "MACHINE")]

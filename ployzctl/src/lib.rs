@@ -57,13 +57,13 @@ fn run(cli: &Cli, bin: &str) -> Result<String, CliError> {
         }
         Command::Migrate(MigrateCommand::Preview(args)) => {
             // Bad input fails before any cluster is needed.
-            migrate::build(args, &placeholder(&args.workload))?;
+            precheck(args)?;
             let s = Session::connect(g)?;
             let w = s.resolve(g, &args.workload)?;
             s.rt.block_on(migrate::preview(s.client.clone(), args, &w, out))
         }
         Command::Migrate(MigrateCommand::Apply { args, no_wait }) => {
-            migrate::build(args, &placeholder(&args.workload))?;
+            precheck(args)?;
             let s = Session::connect(g)?;
             let w = s.resolve(g, &args.workload)?;
             s.rt.block_on(migrate::apply(s.client.clone(), args, &w, *no_wait, out))
@@ -139,11 +139,17 @@ fn run(cli: &Cli, bin: &str) -> Result<String, CliError> {
     }
 }
 
-/// `r` in some namespace, to check everything else about a request before connecting.
-fn placeholder(r: &Ref) -> ServiceRef {
-    ServiceRef {
+/// Checks a request as far as it can without a cluster: the namespace and an address given
+/// to --to are resolved later.
+fn precheck(args: &cli::MigrationArgs) -> Result<(), CliError> {
+    let r = &args.workload;
+    let workload = ServiceRef {
         namespace: r.namespace.clone().unwrap_or_else(|| "default".into()),
         service: r.name.clone(),
+    };
+    match &args.to {
+        cli::Target::Name(to) => migrate::build(args, &workload, to).map(drop),
+        cli::Target::Address(_) => Ok(()),
     }
 }
 

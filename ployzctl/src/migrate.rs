@@ -1,10 +1,12 @@
 //! `ployzctl migrate ...`
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::time::{Duration, Instant};
 
 use futures::TryStreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -13,13 +15,14 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams, P
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use ployz::agent::{RESOLVE_ANNOTATION, human_bytes};
+use ployz::api::Machine;
 use ployz::api::{CutoverStep, Migration, MigrationStatus, Phase};
 use ployz::manifest::{Format, MigrationRequest};
-use ployz::names::ServiceRef;
+use ployz::names::{MachineName, ServiceRef};
 use ployz::plan::{self, observe::observe};
 use serde_json::json;
 
-use crate::cli::{MigrationArgs, OutputArg};
+use crate::cli::{MigrationArgs, OutputArg, Target};
 use crate::cluster::explain;
 use crate::error::CliError;
 use crate::output;
@@ -27,10 +30,10 @@ use crate::output;
 const KIND: &str = "migration.ployz.dev";
 
 impl MigrationArgs {
-    fn to_request(&self, workload: &ServiceRef) -> MigrationRequest {
+    fn to_request(&self, workload: &ServiceRef, to: &MachineName) -> MigrationRequest {
         MigrationRequest {
             workload: workload.clone(),
-            to: self.to.clone(),
+            to: to.clone(),
             from: self.from.clone(),
             name: self.name.clone(),
             bandwidth_limit: self.bandwidth_limit.clone().map(Quantity),
@@ -42,9 +45,13 @@ impl MigrationArgs {
 
 /// Builds the Migration and checks it against the CRD's own CEL rules, so a manifest that the
 /// API server would refuse fails here, with the server's message, before anyone applies it.
-pub fn build(args: &MigrationArgs, workload: &ServiceRef) -> Result<Migration, CliError> {
+pub fn build(
+    args: &MigrationArgs,
+    workload: &ServiceRef,
+    to: &MachineName,
+) -> Result<Migration, CliError> {
     let migration = args
-        .to_request(workload)
+        .to_request(workload, to)
         .to_migration()
         .map_err(CliError::usage)?;
     migration.validate_cel().map_err(|errs| {
@@ -63,7 +70,15 @@ pub fn render_manifest(
     workload: &ServiceRef,
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
-    let m = build(args, workload)?;
+    let to = match &args.to {
+        Target::Name(n) => n,
+        Target::Address(a) => {
+            return Err(CliError::Usage(format!(
+                "--to {a}: render-manifest needs no cluster, so it cannot resolve an address; give the machine's name (`ployzctl machine ls -o wide` shows each machine's endpoint)"
+            )));
+        }
+    };
+    let m = build(args, workload, to)?;
     match out {
         Some(OutputArg::Name) => Ok(output::names(KIND, [m.name_any().as_str()])),
         Some(OutputArg::Json) => output::object(&m, Format::Json),
@@ -79,6 +94,56 @@ fn generated(mut m: Migration, args: &MigrationArgs) -> Migration {
         m.metadata.generate_name = m.metadata.name.take().map(|n| format!("{n}-"));
     }
     m
+}
+
+/// The machine `--to` names: by name, or the one machine publishing that address (its
+/// agent's endpoint, or an address of its node).
+async fn target(client: &Client, to: &Target) -> Result<MachineName, CliError> {
+    let ip = match to {
+        Target::Name(n) => return Ok(n.clone()),
+        Target::Address(ip) => *ip,
+    };
+    let machines: Api<Machine> = Api::all(client.clone());
+    let nodes: Api<Node> = Api::all(client.clone());
+    let machines = machines
+        .list(&ListParams::default())
+        .await
+        .map_err(explain)?
+        .items;
+    let nodes = nodes
+        .list(&ListParams::default())
+        .await
+        .map_err(explain)?
+        .items;
+    let matching: Vec<String> = machines
+        .iter()
+        .filter(|m| {
+            let endpoint = m
+                .spec
+                .endpoint
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|e| e.ip() == ip);
+            let node = nodes
+                .iter()
+                .filter(|n| n.metadata.name.as_deref() == Some(m.spec.node_name.as_str()))
+                .flat_map(|n| n.status.iter().flat_map(|s| s.addresses.iter().flatten()))
+                .any(|a| a.address.parse::<std::net::IpAddr>() == Ok(ip));
+            endpoint || node
+        })
+        .map(ResourceExt::name_any)
+        .collect();
+    match matching.as_slice() {
+        [one] => one
+            .parse()
+            .map_err(|e| CliError::Failed(anyhow::anyhow!("{e}"))),
+        [] => Err(CliError::Failed(anyhow::anyhow!(
+            "--to {ip}: no machine publishes this address; `ployzctl machine ls -o wide` shows each machine's endpoint"
+        ))),
+        many => Err(CliError::Failed(anyhow::anyhow!(
+            "--to {ip}: machines {} all publish this address; give the machine's name",
+            many.join(", ")
+        ))),
+    }
 }
 
 fn display_name(m: &Migration) -> String {
@@ -100,7 +165,8 @@ pub async fn preview(
     workload: &ServiceRef,
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
-    let mut migration = generated(build(args, workload)?, args);
+    let to = target(&client, &args.to).await?;
+    let mut migration = generated(build(args, workload, &to)?, args);
     // Newest of all: an older unfinished Migration of the same workload wins, as it would.
     migration.metadata.creation_timestamp = Some(Time(Timestamp::now()));
     let ns = workload.namespace.clone();
@@ -170,7 +236,8 @@ pub async fn apply(
     no_wait: bool,
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
-    let migration = generated(build(args, workload)?, args);
+    let to = target(&client, &args.to).await?;
+    let migration = generated(build(args, workload, &to)?, args);
     let ns = workload.namespace.clone();
     let api: Api<Migration> = Api::namespaced(client, &ns);
     let created = match api.create(&PostParams::default(), &migration).await {
@@ -250,6 +317,58 @@ fn bytes_sent(s: &MigrationStatus) -> Option<u64> {
         .map(|p| p.pass_bytes.iter().sum::<u64>())
 }
 
+/// Where human progress goes: a bar redrawn in place on a terminal (bytes, percentage, rate
+/// and time left, as the agent reports them in status), plain lines when stderr is piped.
+struct Reporter {
+    bar: Option<ProgressBar>,
+}
+
+impl Reporter {
+    fn new(human: bool) -> Self {
+        let bar = (human && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} [{bar:30}] {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self { bar }
+    }
+
+    fn line(&self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => eprintln!("{text}"),
+        }
+    }
+
+    /// Returns whether a plain line was printed (a bar redraws in place instead).
+    fn progress(&self, p: &ployz::api::Progress) -> bool {
+        let summary = p.summary.clone().unwrap_or_default();
+        match &self.bar {
+            Some(bar) => {
+                bar.set_length(p.bytes_estimated.unwrap_or(0).max(p.bytes_sent));
+                bar.set_position(p.bytes_sent);
+                bar.set_message(summary);
+                false
+            }
+            None => {
+                eprintln!("          {summary}");
+                true
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// [`follow`], with the outcome that counts as success. Human output goes to stderr as it
 /// happens and the result to stdout; `-o json` prints one object per event on stdout (type
 /// `Phase`, `Progress`, then `Result`), the result also when the Migration failed.
@@ -270,7 +389,7 @@ async fn follow_until(
     let mut printed = 0;
     let mut last_progress: Option<(String, Instant)> = None;
     let mut start: Option<Timestamp> = None;
-    let mut stderr = std::io::stderr();
+    let reporter = Reporter::new(human);
     while let Some(m) = stream.try_next().await? {
         let key = format!("{}/{name}", m.namespace().unwrap_or_default());
         let s = m.status.clone().unwrap_or_default();
@@ -302,7 +421,10 @@ async fn follow_until(
                     (None, Some(m)) => m,
                     (None, None) => String::new(),
                 };
-                let _ = writeln!(stderr, "{at:>7.1}s  {:<13} {why}", format!("{:?}", t.phase));
+                reporter.line(&format!(
+                    "{at:>7.1}s  {:<13} {why}",
+                    format!("{:?}", t.phase)
+                ));
             }
         }
         if let Some(p) = s.progress.as_ref()
@@ -318,17 +440,19 @@ async fn follow_until(
                     emit(&json!({
                         "type": "Progress", "migration": key, "phase": s.phase,
                         "bytesSent": p.bytes_sent, "bytesEstimated": p.bytes_estimated,
+                        "bytesPerSecond": p.bytes_per_second, "etaSeconds": p.eta_seconds,
                         "summary": p.summary,
                     }));
-                } else if human {
-                    let _ = writeln!(stderr, "          {summary}");
+                    last_progress = Some((summary, Instant::now()));
+                } else if human && reporter.progress(p) {
+                    last_progress = Some((summary, Instant::now()));
                 }
-                last_progress = Some((summary, Instant::now()));
             }
         }
         let Some(phase) = s.phase.filter(|p| p.is_terminal()) else {
             continue;
         };
+        reporter.finish();
         let ok = success(&s);
         let text = match out {
             Some(OutputArg::Json) => {

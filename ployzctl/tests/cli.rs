@@ -235,6 +235,15 @@ fn a_missing_or_invalid_target_exits_2() {
         stderr(&o)
     );
 
+    // An address needs the cluster's Machines to resolve; render-manifest has none.
+    let o = ployzctl(&["migrate", "render-manifest", "p/web", "--to", "198.18.0.2"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        stderr(&o).contains("give the machine's name"),
+        "{}",
+        stderr(&o)
+    );
+
     let o = ployzctl(&[
         "migrate",
         "render-manifest",

@@ -1048,8 +1048,19 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
     let on_b = mountpoint(b, &vol.dataset)?;
     assert_on(env, ns, &vol.pv, "app=web", B)?;
 
-    // 2: back, human output, the namespace in the reference.
-    let human = ployzctl_ok(env, &["migrate", "apply", &format!("{ns}/web"), "--to", A])?;
+    // 2: back, human output, the namespace in the reference, machine-a given by the address
+    // its agent publishes.
+    let machines: Api<ployz::api::Machine> = Api::all(env.client.clone());
+    let endpoint = env.block_on(machines.get(A))?.spec.endpoint;
+    let address = endpoint
+        .parse::<std::net::SocketAddr>()
+        .with_context(|| format!("endpoint {endpoint}"))?
+        .ip()
+        .to_string();
+    let human = ployzctl_ok(
+        env,
+        &["migrate", "apply", &format!("{ns}/web"), "--to", &address],
+    )?;
     ensure!(human.contains(": Succeeded, downtime "), "{human}");
     assert_on(env, ns, &vol.pv, "app=web", A)?;
 
@@ -1125,6 +1136,21 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
         .with_context(|| format!("-o name printed {fourth:?}"))?
         .to_string();
     wait_sent(env, ns, &fourth, 1 << 20)?;
+    // Status carries the rate (and the summary kubectl prints shows it), near the 1 MiB/s limit.
+    let m = wait_migration(env, ns, &fourth, "a transfer rate", DONE, |m| {
+        m.status
+            .as_ref()
+            .and_then(|s| s.progress.as_ref()?.bytes_per_second)
+            .is_some()
+    })?;
+    let p = m.status.and_then(|s| s.progress).unwrap_or_default();
+    let rate = p.bytes_per_second.unwrap_or_default();
+    ensure!(
+        (256 << 10..4 << 20).contains(&rate)
+            && p.summary.as_deref().is_some_and(|x| x.contains("/s")),
+        "rate {rate} B/s, summary {:?}",
+        p.summary
+    );
     let cancel = ployzctl_ok(env, &["-n", ns, "migrate", "cancel", &fourth])?;
     ensure!(cancel.contains(": Cancelled"), "{cancel}");
     let m = get(env, ns, &fourth)?;

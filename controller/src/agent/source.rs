@@ -828,21 +828,46 @@ fn report_progress(
     };
     let sent: u64 = view.sent.iter().sum();
     let estimated: Option<u64> = view.estimated.iter().map(|e| e.filter(|&x| x > 0)).sum();
-    let summary = match estimated {
+    // The rate since this agent's previous report of the same pass.
+    let previous = s.progress.as_ref().filter(|p| {
+        p.summary
+            .as_deref()
+            .is_some_and(|x| x.starts_with(&format!("{label}:")))
+    });
+    let last_written = ctx
+        .progress_written
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&uid(m))
+        .map(Instant::elapsed);
+    let (rate, eta) = match (previous, last_written) {
+        (Some(p), Some(dt)) => crate::api::rate_and_eta(p.bytes_sent, sent, dt, estimated),
+        _ => (None, None),
+    };
+    let bytes = super::machine::human_bytes;
+    let mut summary = match estimated {
         _ if view.waiting == plan.volumes.len() => {
             format!("{label}: waiting for a transfer slot")
         }
         Some(est) => format!(
             "{label}: {}/{} {}%",
-            super::machine::human_bytes(sent),
-            super::machine::human_bytes(est),
+            bytes(sent),
+            bytes(est),
             (sent.saturating_mul(100) / est.max(1)).min(99)
         ),
-        None => format!("{label}: {}", super::machine::human_bytes(sent)),
+        None => format!("{label}: {}", bytes(sent)),
     };
+    if let Some(r) = rate {
+        summary.push_str(&format!(", {}/s", bytes(r)));
+    }
+    if let Some(left) = eta {
+        summary.push_str(&format!(", {left}s left"));
+    }
     s.progress = Some(crate::api::Progress {
         bytes_sent: sent,
         bytes_estimated: estimated,
+        bytes_per_second: rate,
+        eta_seconds: eta,
         summary: Some(summary),
         volumes: plan
             .volumes

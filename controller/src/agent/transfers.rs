@@ -102,7 +102,7 @@ impl Transfers {
         let passes = self.lock();
         let p = passes.get(key).filter(|p| p.snapshot == snapshot)?;
         Some(PassView {
-            sent: p.progress.iter().map(|x| x.stream()).collect(),
+            sent: p.progress.iter().map(|x| x.sent()).collect(),
             estimated: p.progress.iter().map(|x| x.estimate()).collect(),
             waiting: p.waiting.load(std::sync::atomic::Ordering::Relaxed),
         })

@@ -402,11 +402,37 @@ pub struct Progress {
     pub bytes_sent: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_estimated: Option<u64>,
-    /// Short human form for `kubectl get`, e.g. `1.2GiB/2.0GiB 60%`.
+    /// Transfer rate over the last reporting interval, in bytes per second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_per_second: Option<u64>,
+    /// Seconds left at that rate, when the size is estimated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_seconds: Option<u64>,
+    /// Short human form for `kubectl get`, e.g. `pass 1: 1.2GiB/2.0GiB 60%, 40.0MiB/s, 20s left`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub summary: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<VolumeProgress>,
+}
+
+/// The rate between two reports of one pass `elapsed` apart, and the time left at that rate
+/// when the size is estimated. None where there is nothing to say: too short an interval, a
+/// count that went back (a new pass), no estimate, or the estimate passed.
+pub fn rate_and_eta(
+    before: u64,
+    now: u64,
+    elapsed: std::time::Duration,
+    estimated: Option<u64>,
+) -> (Option<u64>, Option<u64>) {
+    let secs = elapsed.as_secs_f64();
+    if secs < 0.5 || now < before {
+        return (None, None);
+    }
+    let rate = ((now - before) as f64 / secs) as u64;
+    let eta = estimated
+        .filter(|&e| e > now && rate > 0)
+        .map(|e| (e - now).div_ceil(rate));
+    (Some(rate), eta)
 }
 
 /// Progress of one volume.

@@ -246,3 +246,42 @@ fn machines_are_cluster_scoped_and_migrations_namespaced() {
         .collect();
     assert_eq!(fields, [".spec.service", ".spec.to", ".spec.from"]);
 }
+
+#[test]
+fn rate_and_time_left_come_from_two_reports_of_one_pass() {
+    use std::time::Duration;
+    let mib = 1 << 20;
+    // 8 MiB in 2 s: 4 MiB/s, 24 MiB left of 32: 6 s.
+    assert_eq!(
+        rate_and_eta(0, 8 * mib, Duration::from_secs(2), Some(32 * mib)),
+        (Some(4 * mib), Some(6))
+    );
+    // Rounded up: a second and a bit left reads 2 s, never 0 before the end.
+    assert_eq!(
+        rate_and_eta(0, 4, Duration::from_secs(1), Some(9)),
+        (Some(4), Some(2))
+    );
+    // No estimate, or past it: a rate, no time left.
+    assert_eq!(
+        rate_and_eta(0, 10, Duration::from_secs(1), None),
+        (Some(10), None)
+    );
+    assert_eq!(
+        rate_and_eta(0, 10, Duration::from_secs(1), Some(5)),
+        (Some(10), None)
+    );
+    // Stalled: rate 0, no time left to promise.
+    assert_eq!(
+        rate_and_eta(7, 7, Duration::from_secs(3), Some(9)),
+        (Some(0), None)
+    );
+    // A new pass (the count went back) or too short an interval says nothing.
+    assert_eq!(
+        rate_and_eta(10, 3, Duration::from_secs(2), Some(9)),
+        (None, None)
+    );
+    assert_eq!(
+        rate_and_eta(0, 3, Duration::from_millis(100), Some(9)),
+        (None, None)
+    );
+}

@@ -506,11 +506,13 @@ impl<Z: Zfs + 'static> Sender<Z> {
         let pump = async {
             match job.compression {
                 WireCompression::None => {
-                    send_chunks(counted, &mut wr, opts, &progress.wire_bytes).await
+                    let queued = Arc::clone(&progress.queued_bytes);
+                    send_chunks(counted, &mut wr, opts, &progress.wire_bytes, queued).await
                 }
                 WireCompression::Zstd => {
                     let enc = ZstdEncoder::new(BufReader::with_capacity(1 << 20, counted));
-                    send_chunks(enc, &mut wr, opts, &progress.wire_bytes).await
+                    let queued = Arc::clone(&progress.queued_bytes);
+                    send_chunks(enc, &mut wr, opts, &progress.wire_bytes, queued).await
                 }
             }
         };

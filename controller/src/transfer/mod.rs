@@ -23,11 +23,19 @@ pub struct Progress {
     pub wire_bytes: AtomicU64,
     /// Estimated stream size; 0 when unknown.
     pub estimated_bytes: AtomicU64,
+    /// Bytes read from `zfs send` but still queued for the wire.
+    pub queued_bytes: Arc<AtomicU64>,
 }
 
 impl Progress {
     pub fn stream(&self) -> u64 {
         self.stream_bytes.load(Ordering::Relaxed)
+    }
+    /// Stream bytes handed to the network: read, less those still queued (with compression
+    /// the queue holds compressed bytes, so this errs high by the compression saved there).
+    pub fn sent(&self) -> u64 {
+        self.stream()
+            .saturating_sub(self.queued_bytes.load(Ordering::Relaxed))
     }
     pub fn wire(&self) -> u64 {
         self.wire_bytes.load(Ordering::Relaxed)

@@ -69,6 +69,7 @@ impl<R: AsyncRead + Unpin> AsyncRead for Counting<R> {
 /// through `recycle` once written, so a long stream allocates only a queue's worth of them.
 fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
     mut src: R,
+    queued: Arc<AtomicU64>,
 ) -> (
     mpsc::Receiver<std::io::Result<Vec<u8>>>,
     mpsc::Sender<Vec<u8>>,
@@ -101,7 +102,14 @@ fn spawn_reader<R: AsyncRead + Unpin + Send + 'static>(
                 Err(e) => Err(e),
             };
             let failed = msg.is_err();
-            if tx.send(msg).await.is_err() || failed || last {
+            let counted = if failed { 0 } else { filled as u64 };
+            queued.fetch_add(counted, Ordering::Relaxed);
+            if tx.send(msg).await.is_err() {
+                // The sender is gone: this chunk never reaches the queue.
+                queued.fetch_sub(counted, Ordering::Relaxed);
+                return;
+            }
+            if failed || last {
                 return;
             }
         }
@@ -137,35 +145,52 @@ async fn net<T>(
 }
 
 /// Sends `src` as chunks on `net_w`, then the end marker. Returns the bytes put on the wire.
+/// `wire` counts them as they go; `queued` holds the bytes read from `src` but not sent yet
+/// (up to the queue's 16 MiB), which progress subtracts from what was read: without it a
+/// paced transfer reads as nearly done long before it is.
 pub async fn send_chunks<R, W>(
     src: R,
     net_w: &mut W,
     opts: PumpOptions,
     wire: &AtomicU64,
+    queued: Arc<AtomicU64>,
 ) -> Result<u64, PumpError>
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin,
 {
-    let (mut rx, recycle) = spawn_reader(src);
+    let (mut rx, recycle) = spawn_reader(src, Arc::clone(&queued));
     let pacer = Pacer {
         start: Instant::now(),
         rate: opts.rate_limit,
     };
     let mut total = 0u64;
-    while let Some(chunk) = rx.recv().await {
-        let chunk = chunk.map_err(PumpError::Local)?;
-        let len = chunk.len() as u32;
-        net(opts.no_progress, net_w.write_all(&len.to_be_bytes())).await?;
-        net(opts.no_progress, net_w.write_all(&chunk)).await?;
-        total += chunk.len() as u64 + 4;
-        wire.fetch_add(chunk.len() as u64 + 4, Ordering::Relaxed);
-        let _ = recycle.try_send(chunk);
-        pacer.after(total).await;
+    let result = async {
+        while let Some(chunk) = rx.recv().await {
+            let chunk = chunk.map_err(PumpError::Local)?;
+            queued.fetch_sub(chunk.len() as u64, Ordering::Relaxed);
+            let len = chunk.len() as u32;
+            net(opts.no_progress, net_w.write_all(&len.to_be_bytes())).await?;
+            net(opts.no_progress, net_w.write_all(&chunk)).await?;
+            total += chunk.len() as u64 + 4;
+            wire.fetch_add(chunk.len() as u64 + 4, Ordering::Relaxed);
+            let _ = recycle.try_send(chunk);
+            pacer.after(total).await;
+        }
+        net(opts.no_progress, net_w.write_all(&0u32.to_be_bytes())).await?;
+        net(opts.no_progress, net_w.flush()).await?;
+        Ok(total + 4)
     }
-    net(opts.no_progress, net_w.write_all(&0u32.to_be_bytes())).await?;
-    net(opts.no_progress, net_w.flush()).await?;
-    Ok(total + 4)
+    .await;
+    // A failed attempt leaves chunks queued: they were never sent, so the next attempt
+    // (a resume reuses the counters) must not count them as queued.
+    rx.close();
+    while let Ok(chunk) = rx.try_recv() {
+        if let Ok(c) = chunk {
+            queued.fetch_sub(c.len() as u64, Ordering::Relaxed);
+        }
+    }
+    result
 }
 
 /// Receives chunks from `net_r` into `dst` until the end marker. A connection that ends
@@ -246,7 +271,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         let wire_out = AtomicU64::new(0);
         let src = std::io::Cursor::new(data.clone());
-        let sender = async { send_chunks(src, &mut a, opts(), &wire_out).await };
+        let sender = async { send_chunks(src, &mut a, opts(), &wire_out, Arc::default()).await };
         let (out_w, mut out_r) = tokio::io::duplex(8 << 20);
         let wire_in = AtomicU64::new(0);
         let receiver = async { recv_chunks(&mut b, out_w, opts(), &wire_in).await };
@@ -260,6 +285,29 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(got, data);
         assert_eq!(wire_in.load(Ordering::Relaxed) + 4, sent);
+    }
+
+    #[tokio::test]
+    async fn a_failed_attempt_leaves_nothing_counted_as_queued() {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        drop(b);
+        let queued = Arc::new(AtomicU64::new(0));
+        let src = std::io::Cursor::new(vec![1u8; 8 << 20]);
+        let err = send_chunks(src, &mut a, opts(), &AtomicU64::new(0), Arc::clone(&queued)).await;
+        assert!(matches!(err, Err(PumpError::Net(_))), "{err:?}");
+        // The reader may still be filling a chunk; once it stops, nothing stays counted.
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while queued.load(Ordering::Relaxed) != 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} bytes still counted as queued",
+                queued.load(Ordering::Relaxed)
+            )
+        });
     }
 
     #[tokio::test]
@@ -302,11 +350,31 @@ mod tests {
             let mut sink = vec![];
             let _ = b.read_to_end(&mut sink).await;
         });
-        send_chunks(std::io::Cursor::new(data), &mut a, o, &AtomicU64::new(0))
+        let (read, wire, queued) = (Arc::default(), Arc::new(AtomicU64::new(0)), Arc::default());
+        let src = Counting::new(std::io::Cursor::new(data), Arc::clone(&read));
+        // Halfway, by the clock the limiter paces against.
+        let sample = {
+            let (read, wire, queued) = (Arc::clone(&read), Arc::clone(&wire), Arc::clone(&queued));
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(2000)).await;
+                let load = |x: &AtomicU64| x.load(Ordering::Relaxed);
+                (load(&read), load(&wire), load(&queued))
+            })
+        };
+        send_chunks(src, &mut a, o, &wire, queued)
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         drop(a);
         let _ = drain.await;
+        let (read, wire, queued): (u64, u64, u64) = sample.await.unwrap_or_else(|e| panic!("{e}"));
+        // Everything was read at once into the queue; what is not queued is what was sent.
+        assert_eq!(read, 4 << 20);
+        let sent = read - queued;
+        let mib = 1u64 << 20;
+        assert!(
+            (mib..=3 * mib).contains(&sent) && sent.abs_diff(wire) <= 4 * 4,
+            "read {read}, queued {queued}, wire {wire}"
+        );
         // 4 MiB at 1 MiB/s: the last chunk is due at about 4 s (virtual time).
         assert!(
             start.elapsed() >= Duration::from_millis(3900),
