@@ -133,15 +133,37 @@ pub fn bandwidth_limit(q: &str) -> Result<u64, String> {
         Ok(_) => Err(format!(
             "spec.transfer.bandwidthLimit {q:?} is out of range: expected {expected}"
         )),
-        Err(e) => Err(format!(
-            "spec.transfer.bandwidthLimit {q:?} {e}: expected {expected}"
-        )),
+        Err(e) => {
+            // "100MB", "1GiB", "100MB/s": units as people write them, the fix in the message.
+            let bare = q.trim_end_matches("/s").trim_end_matches(['B', 'b']);
+            let hint = if bare != q && parse_u64(bare).is_ok() {
+                format!(" (did you mean {bare}? quantities have no B; Mi is 2^20, M is 10^6)")
+            } else {
+                String::new()
+            };
+            Err(format!(
+                "spec.transfer.bandwidthLimit {q:?} {e}{hint}: expected {expected}"
+            ))
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn units_written_with_a_b_get_the_quantity_they_meant() {
+        for (input, meant) in [("100MB", "100M"), ("1GiB", "1Gi"), ("100MB/s", "100M")] {
+            let err = bandwidth_limit(input).err().unwrap_or_default();
+            assert!(
+                err.contains(&format!("did you mean {meant}?")),
+                "{input}: {err}"
+            );
+        }
+        let err = bandwidth_limit("fast").err().unwrap_or_default();
+        assert!(!err.contains("did you mean"), "{err}");
+    }
 
     #[test]
     fn quantities_read_as_kubernetes_reads_them() {
