@@ -105,11 +105,15 @@ fn namespaces_come_from_the_reference_the_flag_or_the_context() {
     );
     write(
         &b,
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://198.18.0.1:6443'}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: team\n  context: {cluster: c, user: u, namespace: team-ns}\n",
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: 'https://198.18.0.1:6443'}\nusers:\n- name: u\n  user: {}\ncontexts:\n- name: team\n  context: {cluster: c, user: u, namespace: team-ns}\n- name: other\n  context: {cluster: c, user: u, namespace: other-ns}\n",
     );
     let list = std::env::join_paths([&a, &b]).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(ns(&["web"], Some(Path::new(&list))), "team-ns");
     assert_eq!(ns(&["web", "-n", "x"], Some(Path::new(&list))), "x");
+    assert_eq!(
+        ns(&["web", "--context", "other"], Some(Path::new(&list))),
+        "other-ns"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

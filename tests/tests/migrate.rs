@@ -1019,7 +1019,7 @@ fn ployzctl_ok(env: &Env, args: &[&str]) -> Result<String> {
 fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
     let ns = "mig-cli-moves";
     let (vol, app) = deployment_on_a(env, ns, 4)?;
-    let b = env.machine(B)?;
+    let (a, b) = (env.machine(A)?, env.machine(B)?);
 
     // 1: -o json, one object per event, the last one the result.
     let json = ployzctl_ok(
@@ -1064,16 +1064,31 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
     ensure!(human.contains(": Succeeded, downtime "), "{human}");
     assert_on(env, ns, &vol.pv, "app=web", A)?;
 
-    // 3: there again, -o name: the generated name on its own line.
-    let name_out = ployzctl_ok(
-        env,
-        &["migrate", "apply", "web", "-n", ns, "--to", B, "-o", "name"],
-    )?;
-    let third = name_out
-        .trim()
-        .strip_prefix("migration.ployz.dev/web-to-machine-b-")
-        .with_context(|| format!("-o name printed {name_out:?}"))?;
-    ensure!(third.len() == 5, "generated suffix {third:?}");
+    // 3: there again, paced, on a terminal (a pty from script(1)): a progress bar with the
+    // rate and the time left, redrawn in place.
+    write_files(a, &vol.path, "paced", 8)?;
+    let bin = workspace_binary(&env.root, "ployzctl", "ployzctl")?;
+    let cmd = format!(
+        "{} -n {ns} migrate apply web --to {B} --bandwidth-limit 1Mi",
+        bin.display()
+    );
+    let tty = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("KUBECONFIG", env.kubeconfig()?)
+        .env("TERM", "xterm")
+        .output()?;
+    let screen = String::from_utf8_lossy(&tty.stdout).into_owned();
+    ensure!(tty.status.success(), "on a terminal: {screen}");
+    ensure!(
+        screen.contains("] pass 1: ") && screen.contains("/s, ") && screen.contains("s left"),
+        "no progress bar with rate and time left:\n{screen}"
+    );
+    ensure!(screen.contains(": Succeeded, downtime "), "{screen}");
+    let third = screen
+        .split("migration.ployz.dev/web-to-machine-b-")
+        .nth(1)
+        .and_then(|rest| rest.get(..5))
+        .with_context(|| format!("no generated name in:\n{screen}"))?;
     assert_on(env, ns, &vol.pv, "app=web", B)?;
     app.wait_acked_on(B)?;
     Ledger::read(b, &on_b)?.check_acks(&app.acks())?;
