@@ -96,25 +96,18 @@ fn run(cli: &Cli, bin: &str) -> Result<String, CliError> {
             let m = s.resolve(g, &args.migration)?;
             s.rt.block_on(migrate::cancel(s.client.clone(), &m, args.no_wait, out))
         }
-        Command::Migrate(MigrateCommand::Abandon(args)) => {
+        Command::Migrate(c @ (MigrateCommand::Abandon(args) | MigrateCommand::Complete(args))) => {
+            let decision = match c {
+                MigrateCommand::Abandon(_) => migrate::Decision::Abandon,
+                _ => migrate::Decision::Complete,
+            };
             let s = Session::connect(g)?;
             let m = s.resolve(g, &args.migration)?;
             s.rt.block_on(migrate::resolve(
                 s.client.clone(),
                 &m,
                 args.no_wait,
-                migrate::Decision::Abandon,
-                out,
-            ))
-        }
-        Command::Migrate(MigrateCommand::Complete(args)) => {
-            let s = Session::connect(g)?;
-            let m = s.resolve(g, &args.migration)?;
-            s.rt.block_on(migrate::resolve(
-                s.client.clone(),
-                &m,
-                args.no_wait,
-                migrate::Decision::Complete,
+                decision,
                 out,
             ))
         }

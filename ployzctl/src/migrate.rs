@@ -281,10 +281,16 @@ pub async fn watch(
 ) -> Result<String, CliError> {
     let api: Api<Migration> = Api::namespaced(client, &m.namespace);
     // A Migration that is not there would otherwise be waited for forever.
-    if api.get_opt(&m.service).await.map_err(explain)?.is_none() {
-        return Err(not_found(m));
-    }
+    existing(&api, m).await?;
     follow(api, &m.service, out).await
+}
+
+/// The Migration `r` names, or an error that says how to list them.
+async fn existing(api: &Api<Migration>, r: &ServiceRef) -> Result<Migration, CliError> {
+    api.get_opt(&r.service)
+        .await
+        .map_err(explain)?
+        .ok_or_else(|| not_found(r))
 }
 
 fn not_found(m: &ServiceRef) -> CliError {
@@ -585,11 +591,7 @@ pub async fn describe(
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
     let api: Api<Migration> = Api::namespaced(client.clone(), &r.namespace);
-    let m = api
-        .get_opt(&r.service)
-        .await
-        .map_err(explain)?
-        .ok_or_else(|| not_found(r))?;
+    let m = existing(&api, r).await?;
     if let Some(format) = output::format(out) {
         return output::object(&m, format);
     }
@@ -781,11 +783,7 @@ pub async fn cancel(
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
     let api: Api<Migration> = Api::namespaced(client, &r.namespace);
-    let m = api
-        .get_opt(&r.service)
-        .await
-        .map_err(explain)?
-        .ok_or_else(|| not_found(r))?;
+    let m = existing(&api, r).await?;
     let s = m.status.clone().unwrap_or_default();
     match s.phase.unwrap_or(Phase::Pending) {
         p if p.is_terminal() => Err(CliError::Failed(anyhow::anyhow!(
@@ -862,11 +860,7 @@ pub async fn resolve(
     out: Option<OutputArg>,
 ) -> Result<String, CliError> {
     let api: Api<Migration> = Api::namespaced(client, &r.namespace);
-    let m = api
-        .get_opt(&r.service)
-        .await
-        .map_err(explain)?
-        .ok_or_else(|| not_found(r))?;
+    let m = existing(&api, r).await?;
     let s = m.status.clone().unwrap_or_default();
     let phase = s.phase.unwrap_or(Phase::Pending);
     let step = s.cutover.as_ref().map(|c| c.step);

@@ -459,6 +459,12 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
     let ns = "mig-deploy";
     let (vol, app) = deployment_on_a(env, ns, 24)?;
     let (a, b) = (env.machine(A)?, env.machine(B)?);
+    // Earlier tests may have moved workloads from machine-a: its counters go up by one here.
+    let metrics = http_get(env, A, "/metrics")?;
+    let (moved_before, downtimes_before) = (
+        metric(&metrics, "ployz_migrations_total{result=\"Succeeded\"}"),
+        metric(&metrics, "ployz_downtime_seconds_count"),
+    );
     // Rate-limited, so that files written below land during pre-copy.
     migrate(
         env,
@@ -553,16 +559,24 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
         );
     }
     let metrics = http_get(env, A, "/metrics")?;
-    ensure!(
-        metrics.contains("ployz_migrations_total{result=\"Succeeded\"} 1"),
-        "machine-a's metrics do not count the migration it drove:\n{metrics}"
+    let (moved, downtimes) = (
+        metric(&metrics, "ployz_migrations_total{result=\"Succeeded\"}"),
+        metric(&metrics, "ployz_downtime_seconds_count"),
     );
     ensure!(
-        metrics.contains("ployz_downtime_seconds_count 1"),
-        "{metrics}"
+        moved == moved_before + 1 && downtimes == downtimes_before + 1,
+        "machine-a's metrics do not count the one migration it drove (before: {moved_before} moved, {downtimes_before} downtimes):\n{metrics}"
     );
     ensure!(http_get(env, B, "/readyz")?.ends_with("ready"));
     Ok(())
+}
+
+/// The value of the sample `name` (with its labels) in a Prometheus text exposition; 0 when
+/// absent (a counter not yet incremented).
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// An HTTP GET to an agent's health port, from inside the machine's network.
@@ -967,7 +981,39 @@ fn ployzctl_preview_and_drain(env: &mut Env) -> Result<()> {
         refused.status.code() == Some(1) && err.contains("draining") && err.contains("--undo"),
         "preview of a move to a draining machine: {err}"
     );
-    migrate(env, &Request::new(ns, "to-drained", B))?;
+    // Applied anyway: with -o json the failure still ends in a Result object on stdout.
+    let applied = ployzctl(
+        env,
+        &[
+            "-n",
+            ns,
+            "-o",
+            "json",
+            "migrate",
+            "apply",
+            "web",
+            "--to",
+            B,
+            "--name",
+            "to-drained",
+        ],
+    )?;
+    let stdout = String::from_utf8_lossy(&applied.stdout);
+    let last: serde_json::Value = stdout
+        .lines()
+        .last()
+        .map(serde_json::from_str)
+        .transpose()?
+        .unwrap_or_default();
+    ensure!(
+        applied.status.code() == Some(1)
+            && last["type"] == "Result"
+            && last["succeeded"] == false
+            && last["reason"] == "TargetDraining",
+        "-o json apply to a draining machine: {:?}\n{stdout}{}",
+        applied.status,
+        String::from_utf8_lossy(&applied.stderr)
+    );
     assert_failed_untouched(env, ns, "to-drained", "TargetDraining")?;
     let undo = ployzctl(env, &["machine", "drain", B, "--undo"])?;
     ensure!(
