@@ -153,6 +153,24 @@ pub async fn drain(
         )));
     };
     let node = m.spec.node_name.clone();
+    // Where to, checked before anything changes.
+    let target = match &to {
+        MoveTo::Nowhere => None,
+        MoveTo::Machine(t) if t == machine => {
+            return Err(CliError::usage(format!(
+                "--to {t} is the machine being drained; pick another machine (`ployzctl machine ls`)"
+            )));
+        }
+        MoveTo::Machine(t) => match api.get_opt(t.as_str()).await.map_err(explain)? {
+            Some(_) => Some(t.to_string()),
+            None => {
+                return Err(CliError::Failed(anyhow::anyhow!(
+                    "--to {t}: there is no such machine; see `ployzctl machine ls`. Nothing was changed"
+                )));
+            }
+        },
+        MoveTo::Roomiest => Some(roomiest(&client, name).await?),
+    };
     // Server-side apply with our own field manager: the agent owns the rest of the spec.
     let patch = json!({
         "apiVersion": "ployz.dev/v1alpha1",
@@ -192,16 +210,6 @@ pub async fn drain(
         });
     }
     let found = residents(&client, &node).await?;
-    let target = match &to {
-        MoveTo::Nowhere => None,
-        MoveTo::Machine(t) if t == machine => {
-            return Err(CliError::usage(format!(
-                "--to {t} is the machine being drained; pick another machine (`ployzctl machine ls`)"
-            )));
-        }
-        MoveTo::Machine(t) => Some(t.to_string()),
-        MoveTo::Roomiest => Some(roomiest(&client, name).await?),
-    };
     let human = out.is_none() || out == Some(OutputArg::Wide);
     let mut report = vec![];
     for r in &found {
@@ -331,7 +339,7 @@ async fn roomiest(client: &Client, except: &str) -> Result<String, CliError> {
         .map(|m| m.name_any())
         .ok_or_else(|| {
             CliError::Failed(anyhow::anyhow!(
-                "no other machine is Ready and accepting migrations (`ployzctl machine ls`); the workloads stay, the node stays cordoned"
+                "no other machine is Ready and accepting migrations (`ployzctl machine ls`); nothing was changed"
             ))
         })
 }
@@ -352,7 +360,7 @@ async fn move_one(
     let mut m = MigrationRequest::new(workload, to)
         .to_migration()
         .map_err(|e| fail(e.into()))?;
-    m.metadata.generate_name = m.metadata.name.take().map(|n| format!("{n}-"));
+    crate::migrate::name_each_move(&mut m);
     let api: Api<Migration> = Api::namespaced(client.clone(), &r.namespace);
     let created = api
         .create(&PostParams::default(), &m)

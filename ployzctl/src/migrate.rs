@@ -91,9 +91,14 @@ pub fn render_manifest(
 /// any number of times (render-manifest keeps the suffix-free name, for GitOps).
 fn generated(mut m: Migration, args: &MigrationArgs) -> Migration {
     if args.name.is_none() {
-        m.metadata.generate_name = m.metadata.name.take().map(|n| format!("{n}-"));
+        name_each_move(&mut m);
     }
     m
+}
+
+/// `SERVICE-to-MACHINE` becomes the prefix the server completes with a random suffix.
+pub fn name_each_move(m: &mut Migration) {
+    m.metadata.generate_name = m.metadata.name.take().map(|n| format!("{n}-"));
 }
 
 /// The machine `--to` names: by name, or the one machine publishing that address (its

@@ -798,20 +798,31 @@ fn no_room(env: &mut Env) -> Result<()> {
     let ns = "mig-room";
     let (vol, app) = deployment_on_a(env, ns, 48)?;
     let b = env.machine(B)?;
-    // Leave machine-b less room than the volume holds.
-    let avail: u64 = b
-        .zfs(&["get", "-H", "-p", "-o", "value", "available", "tank"])?
-        .trim()
-        .parse()?;
-    let reserve = avail.saturating_sub(16 << 20);
-    b.zfs(&[
-        "create",
-        "-o",
-        "mountpoint=none",
-        "-o",
-        &format!("reservation={reserve}"),
-        "tank/filler",
-    ])?;
+    // Leave machine-b less room than the volume holds. The apps running on machine-b write
+    // meanwhile, so the room read may be gone by the time the filler is made: retry with a
+    // wider margin, always well below the volume's 48 MiB.
+    let mut made = Err(anyhow::anyhow!("not tried"));
+    for margin in [16u64, 20, 24, 28] {
+        let avail: u64 = b
+            .zfs(&["get", "-H", "-p", "-o", "value", "available", "tank"])?
+            .trim()
+            .parse()?;
+        let reserve = avail.saturating_sub(margin << 20);
+        made = b
+            .zfs(&[
+                "create",
+                "-o",
+                "mountpoint=none",
+                "-o",
+                &format!("reservation={reserve}"),
+                "tank/filler",
+            ])
+            .map(drop);
+        if made.is_ok() {
+            break;
+        }
+    }
+    made?;
     let outcome = (|| {
         migrate(env, &Request::new(ns, "web-to-b", B))?;
         assert_failed_untouched(env, ns, "web-to-b", "InsufficientSpace")?;
@@ -1265,6 +1276,17 @@ fn drain_moves_everything(env: &mut Env) -> Result<()> {
     ))?;
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=db", A, 1))?;
 
+    // A target that cannot be used is refused before anything changes.
+    for (to, code) in [("machine-z", 1), (A, 2)] {
+        let refused = ployzctl(env, &["machine", "drain", A, "--to", to])?;
+        ensure!(
+            refused.status.code() == Some(code) && !unschedulable(env, A)?,
+            "drain --to {to}: {:?} {}",
+            refused.status,
+            String::from_utf8_lossy(&refused.stderr)
+        );
+    }
+
     // Without a target: the list, and nothing moves.
     let listed = ployzctl_ok(env, &["machine", "drain", A])?;
     for want in [
@@ -1671,15 +1693,15 @@ fn source_gone_after_promotion(env: &mut Env) -> Result<()> {
         app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
         // Back, machine-a's agent retires its copy as the move would have.
         restart_agent(env, A, &[])?;
+        // Marked first, remounted read-only after: wait for both, not only the first.
         wait_for(
             "machine-a's copy to become a read-only replica",
             Duration::from_secs(30),
-            || Ok(prop(a, &vol.dataset, "ployz:replica")? == "true"),
+            || {
+                Ok(prop(a, &vol.dataset, "ployz:replica")? == "true"
+                    && a.sh(&format!("touch '{}/x'", vol.path)).is_err())
+            },
         )?;
-        ensure!(
-            a.sh(&format!("touch '{}/x'", vol.path)).is_err(),
-            "machine-a's copy is still writable"
-        );
         Ok(())
     })();
     if outcome.is_err() {
