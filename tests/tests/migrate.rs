@@ -1148,7 +1148,10 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
         .with_context(|| format!("no generated name in:\n{screen}"))?;
     assert_on(env, ns, &vol.pv, "app=web", B)?;
     app.wait_acked_on(B)?;
-    Ledger::read(b, &on_b)?.check_acks(&app.acks())?;
+    // The acknowledgements first, then the ledger (an ack taken after the read may be of a
+    // record written after it).
+    let acks = app.acks();
+    Ledger::read(b, &on_b)?.check_acks(&acks)?;
 
     let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
     let all = env.block_on(api.list(&ListParams::default()))?.items;
@@ -1242,7 +1245,10 @@ fn ployzctl_back_and_forth(env: &mut Env) -> Result<()> {
             }))
         },
     )?;
-    Ledger::read(b, &on_b)?.check_acks(&app.acks())?;
+    // The acknowledgements first, then the ledger (an ack taken after the read may be of a
+    // record written after it).
+    let acks = app.acks();
+    Ledger::read(b, &on_b)?.check_acks(&acks)?;
     let again = ployzctl(env, &["-n", ns, "migrate", "cancel", &fourth])?;
     let err = String::from_utf8_lossy(&again.stderr);
     ensure!(
@@ -1319,7 +1325,8 @@ fn drain_moves_everything(env: &mut Env) -> Result<()> {
     assert_on(env, ns, &db.pv, "app=db", B)?;
     app.wait_acked_on(B)?;
     let b = env.machine(B)?;
-    Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&app.acks())?;
+    let acks = app.acks();
+    Ledger::read(b, &mountpoint(b, &vol.dataset)?)?.check_acks(&acks)?;
     let migrations = env.block_on(api.list(&ListParams::default()))?.items;
     ensure!(
         migrations.len() == 2

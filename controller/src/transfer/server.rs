@@ -418,15 +418,13 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 ployz_replica: false,
                 resume_token: None,
                 capabilities,
-                // The parent's own space, not its recursive inventory; before the first
-                // receive has made the parent, the pool's, which is what it will have.
-                available: match self.zfs.space(&self.config.parent).await {
-                    Ok(p) => Some(p.available),
-                    Err(_) => match self.config.parent.pool().parse::<DatasetName>() {
-                        Ok(pool) => self.zfs.space(&pool).await.ok().map(|p| p.available),
-                        Err(_) => None,
-                    },
-                },
+                // The parent's own space, not its recursive inventory.
+                available: self
+                    .zfs
+                    .space(&self.config.parent)
+                    .await
+                    .ok()
+                    .map(|p| p.available),
             },
         })
     }
