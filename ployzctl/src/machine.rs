@@ -32,12 +32,8 @@ pub async fn ls(client: Client, out: Option<OutputArg>) -> Result<String, CliErr
         .map_err(explain)?
         .items;
     machines.sort_by_key(|m| m.name_any());
-    if let Some(format) = output::format(out) {
-        return output::list(&machines, format);
-    }
-    if out == Some(OutputArg::Name) {
-        let names: Vec<String> = machines.iter().map(ResourceExt::name_any).collect();
-        return Ok(output::names(KIND, names.iter().map(String::as_str)));
+    if let Some(printed) = output::scripted(KIND, &machines, out) {
+        return printed;
     }
     if machines.is_empty() {
         return Ok("No machines: is the ployz agent DaemonSet running (`kubectl -n ployz-system get pods`)?\n".into());

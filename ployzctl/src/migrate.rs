@@ -526,12 +526,8 @@ pub async fn ls(
             m.name_any(),
         )
     });
-    if let Some(format) = output::format(out) {
-        return output::list(&items, format);
-    }
-    if out == Some(OutputArg::Name) {
-        let names: Vec<String> = items.iter().map(ResourceExt::name_any).collect();
-        return Ok(output::names(KIND, names.iter().map(String::as_str)));
+    if let Some(printed) = output::scripted(KIND, &items, out) {
+        return printed;
     }
     if items.is_empty() {
         let r#where = namespace.map_or("any namespace".to_string(), |ns| {

@@ -47,6 +47,21 @@ pub fn list<T: Serialize>(values: &[T], format: Format) -> Result<String, CliErr
     )?)
 }
 
+/// A list the way `-o json|yaml|name` asks for it; `None` for the tables (no `-o`, or wide).
+pub fn scripted<T: Serialize + kube::ResourceExt>(
+    kind: &str,
+    items: &[T],
+    out: Option<OutputArg>,
+) -> Option<Result<String, CliError>> {
+    if let Some(f) = format(out) {
+        return Some(list(items, f));
+    }
+    (out == Some(OutputArg::Name)).then(|| {
+        let all: Vec<String> = items.iter().map(kube::ResourceExt::name_any).collect();
+        Ok(names(kind, all.iter().map(String::as_str)))
+    })
+}
+
 /// `-o name`: `kind.group/name` lines.
 pub fn names<'a>(kind: &str, names: impl IntoIterator<Item = &'a str>) -> String {
     names.into_iter().map(|n| format!("{kind}/{n}\n")).collect()
