@@ -11,6 +11,7 @@ mod source;
 mod status;
 mod target;
 mod transfers;
+mod wake;
 mod workload;
 
 use std::net::SocketAddr;
@@ -21,16 +22,14 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, ResourceExt};
 use tracing::{Instrument as _, info, warn};
 
-use crate::api::{Migration, Phase, ZfsInfo};
+use crate::api::{Migration, ZfsInfo};
 use crate::transfer::authz::KubeAuthorizer;
 use crate::transfer::client::Sender;
 use crate::transfer::gate::Limits;
@@ -147,6 +146,8 @@ pub struct Ctx {
     pub pruned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Per Migration (UID): since when its target has refused connections.
     pub unreachable: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Wake-ups of the Migrations this agent drives, and the watches open for them.
+    pub wakeups: wake::Wakeups,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -259,38 +260,10 @@ where
     F: Fn(Arc<Migration>, Arc<Ctx>) -> Fut + Copy + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
 {
-    let controller = Controller::new(api, watch);
-    let client = ctx.client.clone();
-    let store = controller.store();
-    // What a cutover or a rollback waits for, as events rather than only polls: pods of this
-    // node (the source's pods going, the target's turning Ready when it drives) and claims
-    // (bound again). Each maps to the Migrations of its namespace in those phases.
-    let waiting = move |ns: Option<String>| {
-        store
-            .state()
-            .into_iter()
-            .filter(|m| {
-                m.namespace() == ns
-                    && matches!(
-                        m.status.as_ref().and_then(|s| s.phase),
-                        Some(Phase::CuttingOver | Phase::RollingBack)
-                    )
-            })
-            .map(|m| ObjectRef::from_obj(&*m))
-            .collect::<Vec<_>>()
-    };
-    let on_pod = waiting.clone();
-    controller
-        .watches(
-            Api::<Pod>::all(client.clone()),
-            watcher::Config::default().fields(&format!("spec.nodeName={}", ctx.config.node_name)),
-            move |pod: Pod| on_pod(pod.namespace()),
-        )
-        .watches(
-            Api::<PersistentVolumeClaim>::all(client),
-            watcher::Config::default(),
-            move |claim: PersistentVolumeClaim| waiting(claim.namespace()),
-        )
+    // What a driven Migration waits for (its pass ending, its pods or claims changing) wakes
+    // it through `wakeups`, with the watches its driver opens; see wake.rs.
+    Controller::new(api, watch)
+        .reconcile_on(ctx.wakeups.subscribe())
         .shutdown_on_signal()
         .run(
             move |cached, ctx| {
@@ -305,7 +278,10 @@ where
                     // must never drive an effect.
                     let m = match status::api(&ctx, &cached).get_opt(&cached.name_any()).await {
                         Ok(Some(m)) => Arc::new(m),
-                        Ok(None) => return Ok(Action::await_change()),
+                        Ok(None) => {
+                            ctx.wakeups.forget(&cached.uid().unwrap_or_default());
+                            return Ok(Action::await_change());
+                        }
                         Err(e) => return Err(e.into()),
                     };
                     let result = reconcile(Arc::clone(&m), Arc::clone(&ctx)).await;
@@ -412,6 +388,7 @@ pub async fn run(config: Config) -> Result<()> {
         unreachable: Default::default(),
         pruned: Default::default(),
         progress_written: Default::default(),
+        wakeups: Default::default(),
         metrics: Arc::clone(&metrics),
         config,
     });

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::metrics::ResultLabel;
 use super::status::{self, key};
 use super::transfers::{PassStatus, SendFn};
+use super::wake::Wait;
 use super::workload::{Observed, Workload, pod_ready, replace_pv};
 use super::{Ctx, Error, FINALIZER, LOCK_ANNOTATION, RESOLVE_ANNOTATION};
 use crate::api::{
@@ -232,6 +233,15 @@ async fn observe(
                 ..
             }
     );
+    // What this step waits for wakes it (wake.rs); the flow's requeue is only a fallback.
+    let wait = match &observed {
+        Some(o) if needs_pods => Some(Wait::Pods {
+            selector: o.selector.clone(),
+        }),
+        _ if needs_claims => Some(Wait::Claims),
+        _ => None,
+    };
+    ctx.wakeups.follow(&ctx.client, m, wait);
     let probe = matches!(stage, Stage::CuttingOver(Some(step)) if *step < CutoverStep::ScaledUp)
         && plan.target != ctx.machine;
     let ends = if needs_pods || needs_pinning || probe {
@@ -934,8 +944,11 @@ async fn start_pass(
         })
     });
     info!(migration = %key(m), snapshot, target = %plan.target, "starting transfer pass");
+    let waker = ctx.wakeups.waker(m);
     ctx.transfers
-        .start(&uid(m), snapshot, plan.volumes.len(), send);
+        .start(&uid(m), snapshot, plan.volumes.len(), send, move || {
+            waker.wake()
+        });
     Ok(())
 }
 

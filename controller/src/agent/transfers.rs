@@ -23,7 +23,9 @@ pub struct Pass {
     pub progress: Vec<Arc<Progress>>,
     /// Volumes waiting for a transfer slot.
     pub waiting: Arc<std::sync::atomic::AtomicUsize>,
-    handle: JoinHandle<PassResult>,
+    /// The task; it leaves its result in `outcome`, then calls its `done`.
+    handle: JoinHandle<()>,
+    outcome: Arc<Mutex<Option<PassResult>>>,
     /// Set once the task has finished and its result was taken.
     result: Option<PassResult>,
 }
@@ -127,14 +129,19 @@ impl Transfers {
             }
             return PassStatus::Idle;
         }
+        if p.result.is_none() {
+            p.result = p.outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
+        }
         if p.result.is_none() && p.handle.is_finished() {
+            // Finished without a result: the task panicked.
             let joined = futures::FutureExt::now_or_never(&mut p.handle);
             p.result = joined.map(|j| {
-                j.unwrap_or_else(|e| {
-                    Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
-                        std::io::Error::other(format!("transfer task ended: {e}")),
-                    )))
-                })
+                Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
+                    std::io::Error::other(match j {
+                        Ok(()) => "transfer task ended without a result".to_string(),
+                        Err(e) => format!("transfer task ended: {e}"),
+                    }),
+                )))
             });
         }
         match &p.result {
@@ -144,8 +151,16 @@ impl Transfers {
         }
     }
 
-    /// Starts a pass sending `volumes` volumes with `send`, one slot per volume.
-    pub fn start(&self, key: &str, snapshot: &str, volumes: usize, send: SendFn) {
+    /// Starts a pass sending `volumes` volumes with `send`, one slot per volume; `done` runs
+    /// once its result can be peeked (it wakes the Migration, so nothing polls for the end).
+    pub fn start(
+        &self,
+        key: &str,
+        snapshot: &str,
+        volumes: usize,
+        send: SendFn,
+        done: impl FnOnce() + Send + 'static,
+    ) {
         let progress: Vec<Arc<Progress>> = (0..volumes)
             .map(|_| Arc::new(Progress::default()))
             .collect();
@@ -153,7 +168,9 @@ impl Transfers {
         let slots = Arc::clone(&self.slots);
         let metrics = Arc::clone(&self.metrics);
         let (task_progress, task_waiting) = (progress.clone(), Arc::clone(&waiting));
-        let handle = tokio::spawn(async move {
+        let outcome = Arc::new(Mutex::new(None));
+        let task_outcome = Arc::clone(&outcome);
+        let run = async move {
             let mut bytes = vec![];
             for (i, p) in task_progress.into_iter().enumerate() {
                 let _slot = slots.acquire().await.map_err(|e| {
@@ -172,6 +189,11 @@ impl Transfers {
                 bytes.push(sent);
             }
             Ok(bytes)
+        };
+        let handle = tokio::spawn(async move {
+            let result: PassResult = run.await;
+            *task_outcome.lock().unwrap_or_else(|e| e.into_inner()) = Some(result);
+            done();
         });
         let old = self.lock().insert(
             key.to_string(),
@@ -180,6 +202,7 @@ impl Transfers {
                 progress,
                 waiting,
                 handle,
+                outcome,
                 result: None,
             },
         );
@@ -246,12 +269,14 @@ mod tests {
             "s1",
             2,
             send(Arc::clone(&now), Arc::clone(&peak), Arc::clone(&gate)),
+            || {},
         );
         t.start(
             "m2",
             "s1",
             1,
             send(Arc::clone(&now), Arc::clone(&peak), Arc::clone(&gate)),
+            || {},
         );
         let mut results = vec![];
         while results.len() < 2 {
@@ -284,8 +309,25 @@ mod tests {
         );
         assert_eq!(t.peek("m1", "s1", ToString::to_string), PassStatus::Idle);
         // A pass for another snapshot replaces (and stops) a stale one.
-        t.start("m3", "old", 1, send(now, peak, gate));
+        t.start("m3", "old", 1, send(now, peak, gate), || {});
         assert_eq!(t.peek("m3", "new", ToString::to_string), PassStatus::Idle);
         assert!(t.view("m3", "old").is_none());
+    }
+
+    /// The wake-up replaces polling for the end of a pass, so when it arrives the result
+    /// must already be there to peek (the task may not count as finished yet).
+    #[tokio::test]
+    async fn a_pass_s_result_is_there_when_its_wake_up_arrives() {
+        let t = Transfers::new(1, Arc::new(Metrics::default()));
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let (woke, wake) = tokio::sync::oneshot::channel();
+        let (now, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        t.start("m", "s", 1, send(now, peak, Arc::clone(&gate)), move || {
+            let _ = woke.send(());
+        });
+        assert_eq!(t.peek("m", "s", ToString::to_string), PassStatus::Running);
+        gate.notify_one();
+        assert!(wake.await.is_ok(), "the pass wakes its Migration");
+        assert_eq!(t.peek("m", "s", ToString::to_string), PassStatus::Done(10));
     }
 }

@@ -69,10 +69,8 @@ pub const MAX_TRANSFER_FAILURES: u32 = 7;
 pub const PEER_DEADLINE: Duration = Duration::from_secs(5);
 /// How often progress is looked at while a pass runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// How often a cutover step looks again at a pass in memory (the final delta: downtime).
-pub const POLL: Duration = Duration::from_millis(300);
-/// How often a step looks again at pods and claims: a fallback, since their changes also
-/// trigger a reconcile (the agent watches its node's pods and the claims).
+/// How often a waiting step looks again: a fallback, since what it waits for wakes it (the
+/// pass it started ends, the workload's pods or the claims change: agent/wake.rs).
 pub const WATCHED: Duration = Duration::from_secs(1);
 
 /// Where a migration is, as its status records it.
@@ -509,9 +507,9 @@ fn cutting_over(
         CutoverStep::ScaledDown => match &f.pass {
             PassFacts::Idle => match f.retry_in {
                 Some(left) if !left.is_zero() => wait(left),
-                _ => d(Effect::StartFinalPass, Then::Wait(Some(POLL))),
+                _ => d(Effect::StartFinalPass, Then::Wait(Some(WATCHED))),
             },
-            PassFacts::Running => report_progress(f, POLL),
+            PassFacts::Running => report_progress(f, WATCHED),
             PassFacts::Done(bytes) => d(Effect::Nothing, Then::FinalSent { bytes: *bytes }),
             PassFacts::Failed(e) => pass_failed(s, e),
         },
@@ -555,7 +553,7 @@ fn cutting_over(
                     ),
                 );
             }
-            wait(Duration::from_millis(500))
+            wait(WATCHED)
         }
     }
 }

@@ -222,7 +222,7 @@ fn progress_is_written_at_most_every_two_seconds() {
     };
     assert_eq!(decide_(&s, &due).effect, Effect::ReportProgress);
     let final_pass = cutover(CutoverStep::ScaledDown);
-    assert_eq!(decide_(&final_pass, &just_written), wait(POLL));
+    assert_eq!(decide_(&final_pass, &just_written), wait(WATCHED));
 }
 
 #[test]
@@ -563,7 +563,7 @@ fn every_pod_ready_on_the_target_retires_the_source_copy_and_succeeds() {
         }),
         ..facts()
     };
-    assert_eq!(decide_(&s, &stray), wait(Duration::from_millis(500)));
+    assert_eq!(decide_(&s, &stray), wait(WATCHED));
 }
 
 #[test]
@@ -1005,7 +1005,7 @@ fn the_operator_s_complete_keeps_the_cutover_going_once_the_target_has_the_final
     );
     assert_eq!(
         decide_(&cutover(CutoverStep::ScaledUp), &late),
-        wait(Duration::from_millis(500))
+        wait(WATCHED)
     );
     // Before the final delta arrived there is nothing complete on the target to finish with.
     assert_eq!(
