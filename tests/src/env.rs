@@ -195,10 +195,7 @@ impl Env {
     }
 
     pub fn machine(&self, name: &str) -> Result<&ZfsMachine> {
-        self.machines
-            .iter()
-            .find(|m| m.name == name)
-            .with_context(|| format!("no machine {name}"))
+        Ok(&self.machines[self.machine_index(name)?])
     }
 
     /// Runs a future on the environment's runtime.
@@ -293,6 +290,49 @@ impl Env {
             nodes.create(&PostParams::default(), &node).await?;
         }
         Ok(())
+    }
+
+    /// Switches `name` off as a power cut would: its kubelet, CSI plugin, containers and
+    /// containerd are killed and its cable is pulled, so nothing on it (its agent included,
+    /// which the suite stops itself) can be reached; its pool, the disk, stays as it was.
+    pub fn power_off(&mut self, name: &str) -> Result<()> {
+        let i = self.machine_index(name)?;
+        if let Some(node) = self.nodes.get_mut(i) {
+            node.power_off();
+        }
+        self.machines[i].net.set_link(false)
+    }
+
+    /// Switches `name` on again: cable in, its node booted from the state on its disk, and
+    /// Ready.
+    pub fn power_on(&mut self, name: &str) -> Result<()> {
+        let i = self.machine_index(name)?;
+        self.machines[i].net.set_link(true)?;
+        let paths = (
+            bin_dir(&self.root)?,
+            images_dir(&self.root)?,
+            csi_node_dir(&self.root)?.join("ployz-csi-node"),
+        );
+        let cp = self
+            .control_plane
+            .as_ref()
+            .context("control plane stopped")?;
+        if let Some(node) = self.nodes.get_mut(i) {
+            node.power_on(
+                &self.machines[i],
+                cp,
+                (&paths.0, &paths.1, &paths.2),
+                &self.logs,
+            )?;
+        }
+        self.wait_nodes_ready()
+    }
+
+    fn machine_index(&self, name: &str) -> Result<usize> {
+        self.machines
+            .iter()
+            .position(|m| m.name == name)
+            .with_context(|| format!("no machine {name}"))
     }
 
     /// Kills the API server and starts it again (see [`ControlPlane::restart_apiserver`]).

@@ -55,8 +55,7 @@ impl MachineNet {
     /// Creates namespace `pz-NAME` with `eth0` at `ip` and loopback up.
     pub fn create(machine: &str, ip: Ipv4Addr) -> Result<Self> {
         let netns = format!("pz-{machine}");
-        // veth names are limited to 15 bytes.
-        let host_end: String = format!("pzv-{machine}").chars().take(15).collect();
+        let host_end = host_end(machine);
         reaper::register(Resource::Netns(netns.clone()));
         run(&mut command("ip", ["netns", "add", &netns]))?;
         reaper::register(Resource::Link(host_end.clone()));
@@ -81,6 +80,18 @@ impl MachineNet {
         Ok(Self { netns, ip })
     }
 
+    /// Plugs the machine's cable in or pulls it out: its veth's host end up or down. Routes
+    /// and addresses stay, as on a machine that is switched off and on again.
+    pub fn set_link(&self, up: bool) -> Result<()> {
+        let machine = self.netns.trim_start_matches("pz-");
+        let state = if up { "up" } else { "down" };
+        run(&mut command(
+            "ip",
+            ["link", "set", &host_end(machine), state],
+        ))
+        .map(drop)
+    }
+
     /// Runs `f` on a thread inside this namespace: sockets it opens live in the namespace, so
     /// a test can listen or connect as the machine would.
     pub fn run_in<T, F>(&self, f: F) -> thread::JoinHandle<Result<T>>
@@ -95,6 +106,11 @@ impl MachineNet {
             f()
         })
     }
+}
+
+/// The host end of a machine's veth (names are limited to 15 bytes).
+fn host_end(machine: &str) -> String {
+    format!("pzv-{machine}").chars().take(15).collect()
 }
 
 /// Joins a [`MachineNet::run_in`] thread, turning a panic into an error.

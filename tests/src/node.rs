@@ -110,10 +110,60 @@ impl KubeNode {
         machine: &ZfsMachine,
         index: u8,
         cp: &ControlPlane,
-        (bins, images, csi_plugin): (&Path, &Path, &Path),
+        paths: (&Path, &Path, &Path),
         logs: &Path,
     ) -> Result<Self> {
         let name = machine.name.clone();
+        let base = machine.dir.join("node");
+        let kube_root = format!("pz-{name}");
+        let runtime = format!("pz-{name}.runtime");
+        let mut node = Self {
+            name,
+            pod_subnet: pod_subnet(index),
+            kubeconfig: base.join("kubelet.kubeconfig"),
+            kubelet: None,
+            csi: None,
+            containerd: None,
+            socket: base.join("containerd/containerd.sock"),
+            cgroups: [Resource::Cgroup(kube_root), Resource::Cgroup(runtime)],
+        };
+        node.power_on(machine, cp, paths, logs)?;
+        Ok(node)
+    }
+
+    /// Switches the node off: the kubelet, the CSI plugin, every container and containerd
+    /// are killed at once, as at a power cut (the machine's pool, its disk, stays). Its state
+    /// directories stay for [`KubeNode::power_on`].
+    pub fn power_off(&mut self) {
+        self.halt(|p| p.kill());
+    }
+
+    /// Stops the processes with `stop`: the kubelet first (it would restart what is killed),
+    /// then the containers, then containerd, then the shims it leaves behind.
+    fn halt(&mut self, stop: impl Fn(Proc)) {
+        if let Some(k) = self.kubelet.take() {
+            stop(k);
+        }
+        if let Some(c) = self.csi.take() {
+            stop(c);
+        }
+        reaper::release(&self.cgroups[0]);
+        if let Some(c) = self.containerd.take() {
+            stop(c);
+        }
+        reaper::release(&self.cgroups[1]);
+    }
+
+    /// Boots the node: at start, and again after [`KubeNode::power_off`] from the state it
+    /// left on its disk.
+    pub fn power_on(
+        &mut self,
+        machine: &ZfsMachine,
+        cp: &ControlPlane,
+        (bins, images, csi_plugin): (&Path, &Path, &Path),
+        logs: &Path,
+    ) -> Result<()> {
+        let name = self.name.clone();
         let base = machine.dir.join("node");
         let dirs = Dirs {
             containerd: base.join("containerd"),
@@ -123,28 +173,14 @@ impl KubeNode {
             std::fs::create_dir_all(dirs.containerd.join(d))?;
         }
         std::fs::create_dir_all(&dirs.kubelet)?;
-        let kube_root = format!("pz-{name}");
-        let runtime = format!("pz-{name}.runtime");
-        let cgroups = [
-            Resource::Cgroup(kube_root.clone()),
-            Resource::Cgroup(runtime.clone()),
-        ];
-        for (r, n) in cgroups.iter().zip([&kube_root, &runtime]) {
+        let (kube_root, runtime) = (format!("pz-{name}"), format!("pz-{name}.runtime"));
+        for (r, n) in self.cgroups.iter().zip([&kube_root, &runtime]) {
             reaper::register(r.clone());
             create_cgroup(n)?;
         }
-        let subnet = pod_subnet(index);
-        let kubeconfig = base.join("kubelet.kubeconfig");
-        let mut node = Self {
-            name: name.clone(),
-            pod_subnet: subnet.clone(),
-            kubeconfig: kubeconfig.clone(),
-            kubelet: None,
-            csi: None,
-            containerd: None,
-            socket: dirs.containerd.join("containerd.sock"),
-            cgroups,
-        };
+        let subnet = self.pod_subnet.clone();
+        let kubeconfig = self.kubeconfig.clone();
+        let node = self;
 
         // containerd, in the runtime cgroup, so the shims it starts are found there.
         let config = dirs.containerd.join("config.toml");
@@ -166,6 +202,8 @@ impl KubeNode {
             ],
         );
         cmd.env_remove("NOTIFY_SOCKET");
+        // A socket left by a containerd that was killed (switched off) is not one that listens.
+        let _ = std::fs::remove_file(&node.socket);
         node.containerd = Some(Proc::spawn(
             &format!("containerd-{name}"),
             cmd,
@@ -180,7 +218,7 @@ impl KubeNode {
                 if let Some(p) = node.containerd.as_mut() {
                     p.check_running()?;
                 }
-                Ok(socket.exists())
+                Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
             },
         )?;
         for tar in ["pause.tar", "ledger.tar"] {
@@ -238,7 +276,7 @@ impl KubeNode {
             &csi_plugin.to_string_lossy(),
             logs,
         )?);
-        Ok(node)
+        Ok(())
     }
 
     /// Fails with the end of its log when the kubelet or containerd has exited.
@@ -259,19 +297,7 @@ impl KubeNode {
 
 impl Drop for KubeNode {
     fn drop(&mut self) {
-        // The kubelet first (it would restart what is killed), then the containers, then
-        // containerd, then the shims it leaves behind.
-        if let Some(mut k) = self.kubelet.take() {
-            k.stop();
-        }
-        if let Some(mut c) = self.csi.take() {
-            c.stop();
-        }
-        reaper::release(&self.cgroups[0]);
-        if let Some(mut c) = self.containerd.take() {
-            c.stop();
-        }
-        reaper::release(&self.cgroups[1]);
+        self.halt(|mut p| p.stop());
     }
 }
 

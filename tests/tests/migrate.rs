@@ -99,6 +99,10 @@ fn main() -> ExitCode {
                 source_gone_after_promotion,
             ),
             (
+                "source_machine_switched_off_mid_send_the_workload_stays_and_runs_there_again",
+                source_switched_off,
+            ),
+            (
                 "ployzctl_abandon_and_complete_decide_for_the_operator",
                 abandon_and_complete,
             ),
@@ -1715,6 +1719,66 @@ fn source_gone_after_promotion(env: &mut Env) -> Result<()> {
         restart_agent(env, A, &[])?;
     }
     outcome
+}
+
+/// The source machine is switched off mid-send, as at a power cut: its kubelet, containers,
+/// containerd and agent die at once and its cable is pulled; only its pool, the disk, stays.
+/// Its node goes NotReady; machine-b's agent takes the Migration over and ends it
+/// `SourceUnreachable` with the volume still bound to machine-a, where the only complete copy
+/// is. Switched on again, machine-a runs the workload with every write it acknowledged, and a
+/// new move then succeeds. Nobody edits an object by hand.
+fn source_switched_off(env: &mut Env) -> Result<()> {
+    let ns = "mig-power-off";
+    let (vol, app) = slow_move_under_way(env, ns, 8 << 20)?;
+    stop_agent(env, A)?;
+    env.power_off(A)?;
+    let off = (|| {
+        let m = wait_phase(env, ns, "web-to-b", Phase::Failed)?;
+        let s = m.status.unwrap_or_default();
+        let message = s.message.clone().unwrap_or_default();
+        ensure!(
+            s.reason.as_deref() == Some("SourceUnreachable")
+                && s.taken_over_by.as_deref() == Some(B)
+                && message.contains("once it is back"),
+            "reason {:?}, taken over by {:?}: {}",
+            s.reason,
+            s.taken_over_by,
+            s.message.unwrap_or_default()
+        );
+        eprintln!("    SourceUnreachable: {}", s.message.unwrap_or_default());
+        wait_for(
+            "the failed migration to release the workload",
+            Duration::from_secs(30),
+            || Ok(lock_holder(env, ns)?.is_none()),
+        )?;
+        let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+        ensure!(
+            pv_on_node(&env.block_on(pvs.get(&vol.pv))?, A),
+            "the volume left machine-a while it was off"
+        );
+        // Off from the cluster's point of view too, not only for ployz.
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+        wait_for(
+            "machine-a's node NotReady",
+            Duration::from_secs(120),
+            || Ok(!ployz_e2e::env::node_ready(&env.block_on(nodes.get(A))?)),
+        )
+    })();
+    env.power_on(A)?;
+    restart_agent(env, A, &[])?;
+    off?;
+    let a = env.machine(A)?;
+    app_intact(&app, a, &vol.path)?;
+    assert_on(env, ns, &vol.pv, "app=web", A)?;
+    // The next move, asked for the usual way, succeeds.
+    migrate(env, &Request::new(ns, "web-to-b-again", B))?;
+    let m = wait_phase(env, ns, "web-to-b-again", Phase::Succeeded)?;
+    assert_succeeded(&m)?;
+    assert_on(env, ns, &vol.pv, "app=web", B)?;
+    let b = env.machine(B)?;
+    let on_b = mountpoint(b, &vol.dataset)?;
+    app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
+    Ok(())
 }
 
 /// `ployzctl migrate complete` refuses while the target has nothing complete; `ployzctl

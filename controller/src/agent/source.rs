@@ -674,10 +674,18 @@ async fn record(
         Then::Finish => {
             let reason = Reason::parse(s.reason.as_deref().unwrap_or_default());
             let cause = s.message.clone().unwrap_or_default();
+            // The source may be switched off: say where the workload is, not that it runs.
+            let where_ = if reason == Reason::SourceUnreachable {
+                format!(
+                    "The workload stays on {0} with its data: it runs there while {0} is up, and again once it is back",
+                    plan.source
+                )
+            } else {
+                format!("The workload runs on {}", plan.source)
+            };
             let message = format!(
-                "{}. The workload runs on {}; nothing on it was changed or deleted.",
+                "{}. {where_}; nothing on it was changed or deleted.",
                 cause.trim_end_matches('.'),
-                plan.source
             );
             entered = Some((flow::final_phase(reason), reason, message));
         }
