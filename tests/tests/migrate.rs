@@ -1702,8 +1702,9 @@ fn source_gone_after_promotion(env: &mut Env) -> Result<()> {
         assert_on(env, ns, &vol.pv, "app=web", B)?;
         let on_b = mountpoint(b, &vol.dataset)?;
         app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
-        // Back, machine-a's agent retires its copy as the move would have.
-        restart_agent(env, A, &[])?;
+        // Back, machine-a's agent retires its copy as the move would have; its first attempt
+        // fails (a dataset busy, by a crash point) and is retried, not dropped.
+        restart_agent(env, A, &[("FAILPOINTS", "before-retire-source=1*return")])?;
         // Marked first, remounted read-only after: wait for both, not only the first.
         wait_for(
             "machine-a's copy to become a read-only replica",

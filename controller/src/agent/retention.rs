@@ -20,6 +20,14 @@ pub fn first_look(ctx: &Ctx, m: &Migration) -> bool {
         .insert(m.uid().unwrap_or_default())
 }
 
+/// Undoes [`first_look`]: what it gated failed and is to be done again.
+pub fn look_again(ctx: &Ctx, m: &Migration) {
+    ctx.pruned
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(&m.uid().unwrap_or_default());
+}
+
 /// Prunes this machine's datasets of the finished Migration `m`.
 pub async fn prune(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) {
     let uid = m.uid().unwrap_or_default();

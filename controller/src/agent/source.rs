@@ -56,8 +56,21 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
         // itself would have.
         if s.phase == Some(Phase::Succeeded) && s.taken_over_by.is_some() {
             let copy = m.spec.source_copy.unwrap_or_default();
-            if let Err(e) = retire_source(&ctx, &m, &plan, &s, copy).await {
-                warn!(migration = %key(&m), error = %e, "cannot retire the source copy");
+            let retired = async {
+                fail::fail_point!("before-retire-source", |_| Err(Error::Zfs(ZfsError::Busy(
+                    "failpoint before-retire-source".into()
+                ))));
+                retire_source(&ctx, &m, &plan, &s, copy).await
+            };
+            match retired.await {
+                Ok(()) => {}
+                // A busy dataset or an API error passes: looked at again with backoff (and
+                // reported), until the copy is retired.
+                Err(e @ (Error::Zfs(_) | Error::Kube(_))) => {
+                    super::retention::look_again(&ctx, &m);
+                    return Err(e);
+                }
+                Err(e) => warn!(migration = %key(&m), error = %e, "cannot retire the source copy"),
             }
         }
         super::retention::prune(&ctx, &m, &plan).await;
