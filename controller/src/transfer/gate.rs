@@ -7,7 +7,8 @@
 //! one (OpenSSH's `MaxStartups` refuses the new one, which lets a flood of idle sockets lock a
 //! real sender out). An idle socket therefore lives at most until newer ones push it out, or
 //! the handshake timeout, whichever comes first; a real sender's handshake takes milliseconds.
-//! Peer slots are capped per machine (by certificate): beyond it the receiver refuses.
+//! Peer slots are capped per machine (by certificate) and for all machines together: beyond
+//! either the receiver refuses with `Busy`, which a sender retries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -25,6 +26,9 @@ pub struct Limits {
     pub pending_per_address: usize,
     /// Authenticated connections of one machine (one per volume in flight is enough).
     pub per_peer: usize,
+    /// Authenticated connections of all machines together: each runs a `zfs receive`, so
+    /// this bounds the processes a receiver runs however many machines send to it.
+    pub peers: usize,
     /// From accept to the end of the `Hello`: the TLS handshake and the first frame.
     pub handshake: Duration,
     /// Any later control frame, and any gap between stream chunks.
@@ -37,6 +41,7 @@ impl Default for Limits {
             pending: 64,
             pending_per_address: 16,
             per_peer: 16,
+            peers: 64,
             handshake: Duration::from_secs(10),
             frame: Duration::from_secs(120),
         }
@@ -49,6 +54,8 @@ struct Inner {
     /// Pending connections by age (ids only grow).
     pending: BTreeMap<u64, (IpAddr, Arc<Notify>)>,
     peers: HashMap<String, usize>,
+    /// Sum of `peers`.
+    authenticated: usize,
 }
 
 /// Shared by every connection of one receiver.
@@ -94,6 +101,7 @@ impl Drop for PeerSlot<'_> {
             if *n == 0 {
                 inner.peers.remove(&self.peer);
             }
+            inner.authenticated = inner.authenticated.saturating_sub(1);
         }
     }
 }
@@ -146,17 +154,20 @@ impl Gate {
         }
     }
 
-    /// Turns a pending connection into one of `peer`'s slots, or `None` when that machine
-    /// already holds all of its slots.
-    pub fn authenticated(&self, pending: Pending<'_>, peer: &str) -> Option<PeerSlot<'_>> {
+    /// Turns a pending connection into one of `peer`'s slots, or says which cap is full.
+    pub fn authenticated(&self, pending: Pending<'_>, peer: &str) -> Result<PeerSlot<'_>, Full> {
         drop(pending);
         let mut inner = self.lock();
+        if inner.authenticated >= self.limits.peers.max(1) {
+            return Err(Full::AllPeers(self.limits.peers.max(1)));
+        }
         let n = inner.peers.entry(peer.to_string()).or_default();
         if *n >= self.limits.per_peer.max(1) {
-            return None;
+            return Err(Full::Peer(self.limits.per_peer.max(1)));
         }
         *n += 1;
-        Some(PeerSlot {
+        inner.authenticated += 1;
+        Ok(PeerSlot {
             gate: self,
             peer: peer.to_string(),
         })
@@ -166,6 +177,17 @@ impl Gate {
     pub fn pending(&self) -> usize {
         self.lock().pending.len()
     }
+}
+
+/// Which cap refused an authenticated connection, and its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Full {
+    #[error("already has {0} connections open to this machine; retry when one ends")]
+    Peer(usize),
+    #[error(
+        "this machine already receives on {0} connections from all machines; retry when one ends"
+    )]
+    AllPeers(usize),
 }
 
 fn evict(inner: &mut Inner, id: u64) {
@@ -184,6 +206,7 @@ mod tests {
             pending,
             pending_per_address: per_address,
             per_peer,
+            peers: 100,
             ..Limits::default()
         }
     }
@@ -234,18 +257,43 @@ mod tests {
         let gate = Gate::new(limits(10, 10, 2));
         let one = gate.authenticated(gate.admit(ip(1)), "machine-a");
         let two = gate.authenticated(gate.admit(ip(1)), "machine-a");
-        assert!(one.is_some() && two.is_some());
-        assert!(gate.authenticated(gate.admit(ip(1)), "machine-a").is_none());
+        assert!(one.is_ok() && two.is_ok());
+        assert_eq!(
+            gate.authenticated(gate.admit(ip(1)), "machine-a").err(),
+            Some(Full::Peer(2))
+        );
         assert!(
-            gate.authenticated(gate.admit(ip(2)), "machine-b").is_some(),
+            gate.authenticated(gate.admit(ip(2)), "machine-b").is_ok(),
             "another machine has its own slots"
         );
         drop(one);
-        assert!(gate.authenticated(gate.admit(ip(1)), "machine-a").is_some());
+        assert!(gate.authenticated(gate.admit(ip(1)), "machine-a").is_ok());
         assert_eq!(
             gate.pending(),
             0,
             "authenticated connections are not pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn all_machines_together_get_the_global_slots_and_no_more() {
+        let gate = Gate::new(Limits {
+            peers: 3,
+            ..limits(10, 10, 2)
+        });
+        let a1 = gate.authenticated(gate.admit(ip(1)), "machine-a");
+        let _a2 = gate.authenticated(gate.admit(ip(1)), "machine-a");
+        let _b1 = gate.authenticated(gate.admit(ip(2)), "machine-b");
+        assert!(a1.is_ok());
+        assert_eq!(
+            gate.authenticated(gate.admit(ip(3)), "machine-c").err(),
+            Some(Full::AllPeers(3)),
+            "a third machine finds every slot taken"
+        );
+        drop(a1);
+        assert!(
+            gate.authenticated(gate.admit(ip(3)), "machine-c").is_ok(),
+            "a slot freed by one machine serves another"
         );
     }
 }

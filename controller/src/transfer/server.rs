@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use super::authz::{Authorizer, Grant};
 use super::begin::BeginCheck;
-use super::gate::{Gate, Limits};
+use super::gate::{Full, Gate, Limits};
 use super::protocol::{
     Action, Hello, HelloReply, Offer, Outcome, PROTOCOL_VERSION, ReceiveFailure, RefusalReason,
     TargetState, WireCompression, read_frame, write_frame,
@@ -237,20 +237,23 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             }
             () = pending.evicted() => return Err(ServerError::Evicted),
         };
-        let Some(_slot) = self.gate.authenticated(pending, &peer) else {
-            let message = format!(
-                "{peer} already has {} connections open to this machine; retry when one ends",
-                limits.per_peer
-            );
-            write_frame(
-                &mut conn,
-                &HelloReply::Refused {
-                    reason: RefusalReason::Busy,
-                    message: message.clone(),
-                },
-            )
-            .await?;
-            return Err(ServerError::Refused { peer, message });
+        let _slot = match self.gate.authenticated(pending, &peer) {
+            Ok(slot) => slot,
+            Err(full) => {
+                let message = match full {
+                    Full::Peer(_) => format!("{peer} {full}"),
+                    Full::AllPeers(_) => full.to_string(),
+                };
+                write_frame(
+                    &mut conn,
+                    &HelloReply::Refused {
+                        reason: RefusalReason::Busy,
+                        message: message.clone(),
+                    },
+                )
+                .await?;
+                return Err(ServerError::Refused { peer, message });
+            }
         };
         let grant = if hello.version != PROTOCOL_VERSION {
             Err((
