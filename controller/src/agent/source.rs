@@ -31,7 +31,7 @@ use crate::flow::{
 use crate::openebs::{CSI_DRIVER, ZFSVolume};
 use crate::plan::rebind::{
     RecordedPv, check_recorded_owner, check_recorded_pinning, check_recorded_pv, move_pv, pinning,
-    pv_on_node, reclaim_policy,
+    pv_on_node, reclaim_policy, workload_mounts,
 };
 use crate::plan::snapshot_name;
 use crate::transfer::client::{SendJob, TransferError};
@@ -472,7 +472,10 @@ async fn perform(
                 "before-rebind-to-target"
             ));
             let e = ends(ctx, plan).await?;
-            for b in next.cutover.iter().flat_map(|c| &c.volumes) {
+            let bindings: Vec<&VolumeBinding> =
+                next.cutover.iter().flat_map(|c| &c.volumes).collect();
+            check_mounted(w, &bindings, true).await?;
+            for b in bindings {
                 rebind(ctx, m, &e, b, true).await?;
             }
         }
@@ -497,7 +500,10 @@ async fn perform(
         Effect::RetireSource(copy) => retire_source(ctx, m, plan, next, *copy).await?,
         Effect::RebindToSource => {
             let e = ends(ctx, plan).await?;
-            for b in next.cutover.iter().flat_map(|c| &c.volumes) {
+            let bindings: Vec<&VolumeBinding> =
+                next.cutover.iter().flat_map(|c| &c.volumes).collect();
+            check_mounted(w, &bindings, false).await?;
+            for b in bindings {
                 rebind(ctx, m, &e, b, false).await?;
             }
         }
@@ -1066,6 +1072,30 @@ async fn bindings(ctx: &Ctx, plan: &MigrationPlan) -> Result<Vec<VolumeBinding>,
         });
     }
     Ok(out)
+}
+
+/// Every recorded binding names a claim the locked workload's pods mount (bindings come from
+/// status). A workload deleted meanwhile does not stop a rollback: its volumes still go back
+/// to the source, each checked against its claim as `rebind` does.
+async fn check_mounted(
+    w: &Workload,
+    bindings: &[&VolumeBinding],
+    required: bool,
+) -> Result<(), Error> {
+    let o = match w.get().await {
+        Ok(o) => o,
+        Err(Error::WorkloadGone(_)) if !required => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for b in bindings {
+        if !workload_mounts(&w.reference.name, &o.template, &o.claim_templates, &b.claim) {
+            return Err(Error::PlanMismatch(format!(
+                "PersistentVolumeClaim {} as recorded in status is not rebound: {} {} does not mount it",
+                b.claim, w.reference.kind, w.reference.name
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Points a volume at the target (cutover), or back at the source (rollback: the original

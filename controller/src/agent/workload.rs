@@ -31,6 +31,8 @@ pub struct Observed {
     pub annotations: BTreeMap<String, String>,
     pub resource_version: Option<String>,
     pub template: k8s_openapi::api::core::v1::PodTemplateSpec,
+    /// A StatefulSet's volumeClaimTemplates, by name (none for a Deployment).
+    pub claim_templates: Vec<String>,
 }
 
 fn selector_string(s: &LabelSelector) -> String {
@@ -74,6 +76,12 @@ impl Workload {
                 annotations: s.annotations().clone(),
                 resource_version: s.resource_version(),
                 template: spec.template,
+                claim_templates: spec
+                    .volume_claim_templates
+                    .iter()
+                    .flatten()
+                    .filter_map(|t| t.metadata.name.clone())
+                    .collect(),
             })
         } else {
             let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
@@ -85,6 +93,7 @@ impl Workload {
                 annotations: d.annotations().clone(),
                 resource_version: d.resource_version(),
                 template: spec.template,
+                claim_templates: vec![],
             })
         }
     }

@@ -234,6 +234,30 @@ pub fn check_recorded_pinning(original: &Value, node: &str) -> Result<(), String
 
 /// A recorded zfs-localpv owner (the ZFSVolume's `ownerNodeID` and `poolName`, restored on
 /// rollback) must name the source machine and a dataset of its pool.
+/// Whether the pods of workload `workload` mount `claim`: one its pod template names, or one a
+/// StatefulSet makes from its volumeClaimTemplates (`TEMPLATE-STATEFULSET-ORDINAL`, any
+/// ordinal, since it is scaled to zero during a move). A binding recorded in status is
+/// rebound only then, so it cannot name another workload's claim of the same namespace.
+pub fn workload_mounts(
+    workload: &str,
+    template: &k8s_openapi::api::core::v1::PodTemplateSpec,
+    claim_templates: &[String],
+    claim: &str,
+) -> bool {
+    let named = template
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .filter_map(|v| v.persistent_volume_claim.as_ref())
+        .any(|c| c.claim_name == claim);
+    named
+        || claim_templates.iter().any(|t| {
+            claim
+                .strip_prefix(&format!("{t}-{workload}-"))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        })
+}
+
 pub fn check_recorded_owner(spec: &Value, node_id: &str, pool: &str) -> Result<(), String> {
     let owner = spec["ownerNodeID"].as_str().unwrap_or_default();
     let pool_name = spec["poolName"].as_str().unwrap_or_default();

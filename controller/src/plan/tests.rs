@@ -1,7 +1,7 @@
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
-use super::rebind::{move_pv, pinning, pv_on_node};
+use super::rebind::{move_pv, pinning, pv_on_node, workload_mounts};
 use super::resolve::local_dataset;
 use super::*;
 use crate::api::MigrationSpec;
@@ -499,4 +499,38 @@ fn residents_are_the_workloads_with_a_volume_on_the_machine() {
     assert_eq!(on_b.len(), 1);
     assert_eq!(on_b[0].workload.reference.name, "db");
     assert!(residents::residents(&obs, "c").is_empty());
+}
+
+#[test]
+fn a_recorded_binding_is_rebound_only_for_a_claim_the_workload_mounts() {
+    let template: k8s_openapi::api::core::v1::PodTemplateSpec = serde_json::from_value(json!({
+        "spec": {"containers": [], "volumes": [
+            {"name": "v", "persistentVolumeClaim": {"claimName": "data"}},
+            {"name": "c", "configMap": {"name": "data-too"}},
+        ]}
+    }))
+    .unwrap_or_default();
+    let none: [String; 0] = [];
+    assert!(workload_mounts("web", &template, &none, "data"));
+    assert!(
+        !workload_mounts("web", &template, &none, "other"),
+        "another claim of the namespace"
+    );
+    assert!(
+        !workload_mounts("web", &template, &none, "data-too"),
+        "a config map's name is no claim"
+    );
+    let templates = ["pgdata".to_string()];
+    let empty = k8s_openapi::api::core::v1::PodTemplateSpec::default();
+    assert!(
+        workload_mounts("db", &empty, &templates, "pgdata-db-0"),
+        "a StatefulSet's claim, scaled to zero or not"
+    );
+    assert!(workload_mounts("db", &empty, &templates, "pgdata-db-12"));
+    for stranger in ["pgdata-db-", "pgdata-db-x", "pgdata-dbx-0", "pgdata-other-0", "pg-db-0"] {
+        assert!(
+            !workload_mounts("db", &empty, &templates, stranger),
+            "{stranger} is not one of db's claims"
+        );
+    }
 }
