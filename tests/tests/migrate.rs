@@ -572,6 +572,14 @@ fn deployment_moves_and_back(env: &mut Env) -> Result<()> {
         "machine-a's metrics do not count the one migration it drove (before: {moved_before} moved, {downtimes_before} downtimes):\n{metrics}"
     );
     ensure!(http_get(env, B, "/readyz")?.ends_with("ready"));
+    // The watches its waiting steps opened are closed once the moves ended.
+    for machine in [A, B] {
+        wait_for(
+            &format!("{machine}'s agent to close its step watches"),
+            Duration::from_secs(10),
+            || Ok(metric(&http_get(env, machine, "/metrics")?, "ployz_step_watches") == 0),
+        )?;
+    }
     Ok(())
 }
 

@@ -28,6 +28,7 @@ pub struct Metrics {
     pub downtime_seconds: Histogram,
     pub active_transfers: Gauge,
     pub reconcile_errors: Counter,
+    pub step_watches: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -49,6 +50,12 @@ impl Default for Metrics {
         let downtime_seconds = Histogram::new(exponential_buckets(0.1, 2.0, 16));
         let active_transfers = Gauge::default();
         let reconcile_errors = Counter::default();
+        let step_watches = Gauge::default();
+        registry.register(
+            "step_watches",
+            "Watches open for the waiting steps of migrations this agent drives (pods or claims)",
+            step_watches.clone(),
+        );
         registry.register(
             "reconcile_errors",
             "Reconciles that failed and were retried",
@@ -99,6 +106,7 @@ impl Default for Metrics {
             downtime_seconds,
             active_transfers,
             reconcile_errors,
+            step_watches,
         }
     }
 }

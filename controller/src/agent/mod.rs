@@ -388,7 +388,7 @@ pub async fn run(config: Config) -> Result<()> {
         unreachable: Default::default(),
         pruned: Default::default(),
         progress_written: Default::default(),
-        wakeups: Default::default(),
+        wakeups: wake::Wakeups::new(metrics.step_watches.clone()),
         metrics: Arc::clone(&metrics),
         config,
     });

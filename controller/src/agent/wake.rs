@@ -15,6 +15,7 @@ use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
@@ -38,6 +39,8 @@ pub struct Wakeups {
     subscribers: Mutex<Vec<mpsc::UnboundedSender<ObjectRef<Migration>>>>,
     /// Per Migration (UID): the open watch and what it watches.
     watches: Mutex<HashMap<String, (Wait, AbortHandle)>>,
+    /// How many are open (`ployz_step_watches`).
+    open: Gauge,
 }
 
 impl std::fmt::Debug for Wakeups {
@@ -47,6 +50,13 @@ impl std::fmt::Debug for Wakeups {
 }
 
 impl Wakeups {
+    pub fn new(open: Gauge) -> Self {
+        Self {
+            open,
+            ..Self::default()
+        }
+    }
+
     /// A stream of Migrations to reconcile, for `Controller::reconcile_on`.
     pub fn subscribe(&self) -> impl Stream<Item = ObjectRef<Migration>> + Send + 'static {
         let (tx, rx) = mpsc::unbounded_channel();
@@ -76,6 +86,7 @@ impl Wakeups {
             task.abort();
         }
         let Some(wait) = wait else {
+            self.open.set(watches.len() as i64);
             return;
         };
         let ns = m.meta().namespace.clone().unwrap_or_default();
@@ -93,13 +104,16 @@ impl Wakeups {
             )),
         };
         watches.insert(uid, (wait, task.abort_handle()));
+        self.open.set(watches.len() as i64);
     }
 
     /// Closes `uid`'s watch, if any (the Migration is gone).
     pub fn forget(&self, uid: &str) {
-        if let Some((_, task)) = lock(&self.watches).remove(uid) {
+        let mut watches = lock(&self.watches);
+        if let Some((_, task)) = watches.remove(uid) {
             task.abort();
         }
+        self.open.set(watches.len() as i64);
     }
 }
 

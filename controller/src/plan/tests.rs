@@ -527,7 +527,13 @@ fn a_recorded_binding_is_rebound_only_for_a_claim_the_workload_mounts() {
         "a StatefulSet's claim, scaled to zero or not"
     );
     assert!(workload_mounts("db", &empty, &templates, "pgdata-db-12"));
-    for stranger in ["pgdata-db-", "pgdata-db-x", "pgdata-dbx-0", "pgdata-other-0", "pg-db-0"] {
+    for stranger in [
+        "pgdata-db-",
+        "pgdata-db-x",
+        "pgdata-dbx-0",
+        "pgdata-other-0",
+        "pg-db-0",
+    ] {
         assert!(
             !workload_mounts("db", &empty, &templates, stranger),
             "{stranger} is not one of db's claims"
