@@ -120,6 +120,10 @@ fn main() -> ExitCode {
             ),
             ("hostile_plan_forged_in_status_moves_nothing", forged_plan),
             (
+                "hostile_binding_forged_after_a_takeover_rebinds_nothing",
+                forged_binding_after_takeover,
+            ),
+            (
                 "hostile_out_of_file_descriptors_the_agent_pauses_and_serves_again",
                 out_of_descriptors,
             ),
@@ -1999,6 +2003,105 @@ fn forged_plan(env: &mut Env) -> Result<()> {
     env.block_on(k8s::wait_ready_on(&env.client, ns, "app=web", A, 1))?;
     wait_unlocked(env, ns)?;
     app_intact(&app, env.machine(A)?, &vol.path)
+}
+
+/// As cluster-admin (past any admission policy), while machine-b's agent is about to drive a
+/// Migration it takes over (machine-a's agent died right after the target promoted its copy),
+/// the binding recorded in status is rewritten to name the claim of another workload of the
+/// namespace, with that claim's own PV as the recorded spec. machine-b's agent refuses to
+/// rebind it (the workload being moved does not mount that claim): the other workload's PV is
+/// untouched and it keeps running on machine-a. With the true binding written back, the move
+/// completes on machine-b.
+fn forged_binding_after_takeover(env: &mut Env) -> Result<()> {
+    let ns = "mig-forged-binding";
+    let (vol, app) = deployment_on_a(env, ns, 2)?;
+    let a = env.machine(A)?;
+    let other = env.block_on(k8s::create_local_volume(&env.client, a, ns, "other"))?;
+    env.block_on(k8s::create_deployment(&env.client, ns, "other", "other"))?;
+    env.block_on(k8s::wait_ready_on(&env.client, ns, "app=other", A, 1))?;
+    let other_app = watch_app(env, ns, "app=other", A)?;
+    let pvs: Api<PersistentVolume> = Api::all(env.client.clone());
+    let other_pv = env.block_on(pvs.get(&other.pv))?;
+
+    restart_agent(env, A, &[("FAILPOINTS", "before-rebind-to-target=return")])?;
+    let outcome = (|| {
+        migrate(env, &Request::new(ns, "web-to-b", B))?;
+        wait_agent_exit(env, A)?;
+        // machine-b takes over only after 20 s of silence: forge before it does.
+        let m = get(env, ns, "web-to-b")?;
+        let cutover = m
+            .status
+            .and_then(|s| s.cutover)
+            .context("no cutover recorded")?;
+        let mut forged = cutover.clone();
+        for b in &mut forged.volumes {
+            b.claim = "other".into();
+            b.volume = other.pv.clone();
+            b.original_spec = serde_json::to_string(&other_pv)?;
+        }
+        let api: Api<Migration> = Api::namespaced(env.client.clone(), ns);
+        let write = |c: &ployz::api::Cutover| {
+            env.block_on(api.patch_status(
+                "web-to-b",
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"status": {"cutover": c}})),
+            ))
+        };
+        write(&forged)?;
+        eprintln!("    binding rewritten to claim other ({})", other.pv);
+        // Refused, and said so, on every attempt.
+        let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
+        let refusal = env.block_on(until(
+            "machine-b's agent to refuse the forged binding",
+            DONE,
+            || {
+                let events = events.clone();
+                async move {
+                    Ok(events
+                        .list(&ListParams::default())
+                        .await?
+                        .items
+                        .into_iter()
+                        .filter_map(|e| e.note)
+                        .find(|n| n.contains("does not mount it")))
+                }
+            },
+        ))?;
+        eprintln!("    {refusal}");
+        let after = env.block_on(pvs.get(&other.pv))?;
+        ensure!(
+            after.spec == other_pv.spec && pv_on_node(&after, A),
+            "the other workload's PV changed"
+        );
+        let s = get(env, ns, "web-to-b")?.status.unwrap_or_default();
+        ensure!(
+            s.taken_over_by.as_deref() == Some(B) && s.phase == Some(Phase::CuttingOver),
+            "taken over by {:?}, phase {:?}",
+            s.taken_over_by,
+            s.phase
+        );
+        // The true binding back: the move goes on.
+        let current = get(env, ns, "web-to-b")?
+            .status
+            .and_then(|s| s.cutover)
+            .context("no cutover")?;
+        write(&ployz::api::Cutover {
+            volumes: cutover.volumes.clone(),
+            ..current
+        })?;
+        let m = wait_phase(env, ns, "web-to-b", Phase::Succeeded)?;
+        assert_on(env, ns, &vol.pv, "app=web", B)?;
+        let b = env.machine(B)?;
+        let on_b = mountpoint(b, &vol.dataset)?;
+        app_moved(&app, &m, (a, &vol.path), (b, &on_b))?;
+        let pv = env.block_on(pvs.get(&other.pv))?;
+        ensure!(pv_on_node(&pv, A), "the other workload's PV left machine-a");
+        env.block_on(k8s::wait_ready_on(&env.client, ns, "app=other", A, 1))?;
+        let acks = other_app.acks();
+        Ledger::read(a, &other.path)?.check_acks(&acks)
+    })();
+    restart_agent(env, A, &[])?;
+    outcome
 }
 
 /// `prlimit` on a running process: `--nofile=SOFT:HARD`.

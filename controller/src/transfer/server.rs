@@ -26,7 +26,8 @@ use super::pump::{PumpError, PumpOptions, recv_chunks};
 use super::tls::{self, TlsError};
 use crate::api::{ZfsImplementation, ZfsInfo};
 use crate::zfs::{
-    DatasetName, NEUTRAL, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs, ZfsError,
+    DatasetName, NEUTRAL, NOT_RECEIVED, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs,
+    ZfsError,
 };
 
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
@@ -572,10 +573,25 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     /// would mount outside the parent's mountpoint, or that has children, is not mounted.
     async fn contain(&self, dataset: &DatasetName) -> Result<(), ServerError> {
         // A replication stream, the only kind that carries properties, never gets this far
-        // (transfer::begin); this undoes what one might have set all the same.
-        self.zfs.inherit(dataset, "mountpoint").await?;
-        for (prop, value) in [("canmount", "on")].into_iter().chain(NEUTRAL) {
-            self.zfs.set(dataset.as_str(), prop, value).await?;
+        // (transfer::begin); this undoes what one might have set all the same. One `zfs get`,
+        // then a change only where needed: this runs during the cutover's downtime.
+        let wanted: Vec<(&str, &str)> = [("canmount", "on")].into_iter().chain(NEUTRAL).collect();
+        // `canmount` is in both lists: it cannot be inherited, so it is set.
+        let names: Vec<&str> = NOT_RECEIVED
+            .into_iter()
+            .filter(|p| *p != "canmount")
+            .chain(wanted.iter().map(|(p, _)| *p))
+            .collect();
+        let props = self.zfs.properties(dataset, &names).await?;
+        for p in &props {
+            if NOT_RECEIVED.contains(&p.name.as_str()) && p.name != "canmount" && p.is_set_here() {
+                self.zfs.inherit(dataset, &p.name).await?;
+            }
+        }
+        for (prop, value) in wanted {
+            if !props.iter().any(|p| p.name == prop && p.value == value) {
+                self.zfs.set(dataset.as_str(), prop, value).await?;
+            }
         }
         let parent_mp = self.zfs.space(&self.config.parent).await?.mountpoint;
         let inv = self.zfs.inventory(dataset, &self.info).await?;

@@ -279,6 +279,34 @@ impl Zfs for ZfsCli {
             .map(drop)
     }
 
+    async fn properties(
+        &self,
+        dataset: &DatasetName,
+        props: &[&str],
+    ) -> Result<Vec<super::Property>, ZfsError> {
+        if props.is_empty()
+            || props
+                .iter()
+                .any(|p| p.is_empty() || p.starts_with('-') || p.contains(','))
+        {
+            return Err(ZfsError::Failed {
+                command: "zfs get".into(),
+                stderr: format!("refusing property list {props:?}"),
+            });
+        }
+        let list = props.join(",");
+        let args = [
+            "get",
+            "-H",
+            "-o",
+            "property,value,source",
+            &list,
+            dataset.as_str(),
+        ];
+        let out = self.run(&args).await?;
+        parse::properties("zfs get", &out)
+    }
+
     async fn inherit(&self, dataset: &DatasetName, prop: &str) -> Result<(), ZfsError> {
         if prop.starts_with('-') {
             return Err(ZfsError::Failed {

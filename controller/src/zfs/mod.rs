@@ -131,6 +131,22 @@ pub struct Space {
     pub mountpoint: Option<String>,
 }
 
+/// A property of a dataset as `zfs get` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Property {
+    pub name: String,
+    pub value: String,
+    /// `local`, `received`, `default`, `inherited from DATASET`, or `-`.
+    pub source: String,
+}
+
+impl Property {
+    /// Set on the dataset itself (by `zfs set`, or carried in by a stream), not inherited.
+    pub fn is_set_here(&self) -> bool {
+        matches!(self.source.as_str(), "local" | "received")
+    }
+}
+
 /// Datasets below (and including) a root.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Inventory {
@@ -222,8 +238,16 @@ pub struct ReceiveArgs {
 /// parent, or the default) on receive, reset to inherited before any mount.
 pub const NOT_RECEIVED: [&str; 4] = ["mountpoint", "canmount", "sharenfs", "sharesmb"];
 /// Properties a received dataset always has (`-o` on receive, set again before any mount;
-/// `canmount` cannot be inherited, so it is set rather than reset).
-pub const NEUTRAL: [(&str, &str); 2] = [("setuid", "off"), ("devices", "off")];
+/// `canmount` cannot be inherited, so it is set rather than reset). No quota or reservation
+/// comes from a stream: a crafted `reservation` could take the target's whole pool.
+pub const NEUTRAL: [(&str, &str); 6] = [
+    ("setuid", "off"),
+    ("devices", "off"),
+    ("reservation", "none"),
+    ("refreservation", "none"),
+    ("quota", "none"),
+    ("refquota", "none"),
+];
 
 impl ReceiveArgs {
     pub fn to_args(&self) -> Vec<String> {
@@ -294,6 +318,12 @@ pub trait Zfs: Send + Sync {
         prop: &str,
         value: &str,
     ) -> impl Future<Output = Result<(), ZfsError>> + Send;
+    /// The values and sources of `props` on `dataset`, in one `zfs get`.
+    fn properties(
+        &self,
+        dataset: &DatasetName,
+        props: &[&str],
+    ) -> impl Future<Output = Result<Vec<Property>, ZfsError>> + Send;
     /// Resets a dataset's property to what it inherits (`zfs inherit`).
     fn inherit(
         &self,
@@ -405,7 +435,8 @@ mod tests {
         };
         assert_eq!(
             r.to_args().join(" "),
-            "-u -s -x mountpoint -x canmount -x sharenfs -x sharesmb -o setuid=off -o devices=off tank/ployz/v"
+            "-u -s -x mountpoint -x canmount -x sharenfs -x sharesmb -o setuid=off -o devices=off \
+             -o reservation=none -o refreservation=none -o quota=none -o refquota=none tank/ployz/v"
         );
     }
 }

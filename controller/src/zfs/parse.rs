@@ -186,6 +186,28 @@ pub fn bookmarks(command: &str, stdout: &str, inv: &mut Inventory) -> Result<(),
     Ok(())
 }
 
+/// `zfs get -H -o property,value,source ...`: one tab-separated line per property.
+pub fn properties(command: &str, stdout: &str) -> Result<Vec<super::Property>, ZfsError> {
+    stdout
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let mut f = l.splitn(3, '\t');
+            match (f.next(), f.next(), f.next()) {
+                (Some(name), Some(value), Some(source)) => Ok(super::Property {
+                    name: name.to_string(),
+                    value: value.to_string(),
+                    source: source.to_string(),
+                }),
+                _ => Err(parse_err(
+                    command,
+                    format!("not PROPERTY VALUE SOURCE: {l:?}"),
+                )),
+            }
+        })
+        .collect()
+}
+
 /// `zfs send -nvP ...` (OpenZFS): the `size` line holds the estimate in bytes. Resumed sends
 /// (`-t TOKEN`) on older OpenZFS print no `size` line, only the token's contents and a
 /// `full NAME BYTES` or `incremental FROM NAME BYTES` line, whose last field is the estimate.
@@ -240,6 +262,25 @@ pub fn resume_token(command: &str, output: &str) -> Result<super::ResumeToken, Z
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn properties_keep_their_source() {
+        let out = "mountpoint\t/etc\treceived\nsetuid\ton\tinherited from tank/ployz\nquota\tnone\tdefault\n";
+        let props = properties("zfs get", out).unwrap_or_default();
+        let names: Vec<_> = props
+            .iter()
+            .map(|p| (p.name.as_str(), p.value.as_str(), p.is_set_here()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("mountpoint", "/etc", true),
+                ("setuid", "on", false),
+                ("quota", "none", false)
+            ]
+        );
+        assert!(properties("zfs get", "mountpoint /etc\n").is_err());
+    }
+
     use super::*;
 
     /// The shape OpenZFS 2.x prints for a token of a raw incremental send.
