@@ -78,6 +78,8 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
     // One driver: the source's agent, or the target's once it took the Migration over.
     let driver = s.taken_over_by.as_deref().unwrap_or(&plan.source);
     if driver != ctx.machine {
+        // Taken over from this agent: a watch it opened while it drove is not its own now.
+        ctx.wakeups.follow(&ctx.client, &m, None);
         return Ok(Action::await_change());
     }
     drive(m, ctx, s, plan).await
