@@ -493,12 +493,13 @@ fn plaintext_token_refused(g: &Guest) -> Result<()> {
     Ok(())
 }
 
-/// A stream carrying `mountpoint=/etc` and `setuid=on` (`send -p`, what a compromised source
-/// could send): received with `-x`/`-o`, so the copy never takes them, and promoted below the
-/// pool.
+/// A stream carrying `mountpoint=/etc`, `setuid=on` and a reservation (`send -p`, what a
+/// compromised source could send): received with `-x`/`-o`, so the copy never takes them (no
+/// share of the target's pool reserved either), and promoted below the pool.
 fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
     sh(
-        "zfs create -o canmount=noauto -o mountpoint=/etc -o setuid=on src/crafted \
+        "zfs create -o canmount=noauto -o mountpoint=/etc -o setuid=on -o reservation=16M \
+         -o quota=1G src/crafted \
         && zfs snapshot src/crafted@s1",
     )?;
     let job = g.job("crafted", "s1")?;
@@ -516,6 +517,11 @@ fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
             .is_some_and(|l| l.starts_with("/dst/ployz/crafted\t"))
             && props.contains("off\tlocal"),
         "received with {props:?}"
+    );
+    let space = sh("zfs get -H -o value reservation,quota dst/ployz/crafted")?;
+    ensure!(
+        space.lines().all(|l| l == "none"),
+        "received with reservation and quota {space:?}"
     );
     let promoted = g.rt.block_on(g.server.change_role(
         &ds("dst/ployz/crafted")?,
