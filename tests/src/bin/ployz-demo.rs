@@ -140,6 +140,18 @@ fn downtime(env: &Env, name: &str) -> Result<Option<u64>> {
         .and_then(|s| s.downtime_milliseconds))
 }
 
+/// The name of the newest Migration of the demo to `machine`.
+fn newest_to(env: &Env, machine: &str) -> Result<String> {
+    let api: Api<Migration> = Api::namespaced(env.client.clone(), NS);
+    let list = env.block_on(api.list(&kube::api::ListParams::default()))?;
+    list.items
+        .into_iter()
+        .filter(|m| m.spec.to == machine)
+        .max_by_key(|m| m.metadata.creation_timestamp.clone().map(|t| t.0))
+        .and_then(|m| m.metadata.name)
+        .with_context(|| format!("no Migration to {machine} in {NS}"))
+}
+
 fn mib(b: u64) -> String {
     format!("{:.1} MiB", b as f64 / 1048576.0)
 }
@@ -243,18 +255,15 @@ fn demo(env: &Env) -> Result<()> {
         "--to",
         "machine-a",
     ]))?;
-    let back = bytes_sent(env, &format!("{APP}-to-machine-a"))?;
+    // `migrate apply` names each move anew (SERVICE-to-MACHINE-xxxxx): the newest to machine-a.
+    let back_name = newest_to(env, "machine-a")?;
+    let back = bytes_sent(env, &back_name)?;
     ensure!(
         checksums(a, &vol.dataset)? == checksums(b, &vol.dataset)?,
         "checksums differ after moving back"
     );
     show(&mut tools.kubectl(&["-n", NS, "get", "pods", "-o", "wide"]))?;
-    report_app(
-        &app,
-        downtime(env, &format!("{APP}-to-machine-a"))?,
-        (b, on_b),
-        (a, &vol.path),
-    )?;
+    report_app(&app, downtime(env, &back_name)?, (b, on_b), (a, &vol.path))?;
     println!(
         "\nmoving to machine-b sent {}; moving back sent {} ({:.0}x less): only the delta since the last common snapshot",
         mib(there),
