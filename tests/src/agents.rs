@@ -191,7 +191,9 @@ pub async fn connect_from(
 }
 
 /// A Migration in phase Sending whose plan moves `claim` (PV `volume`) from `source` to
-/// `target` into `target_dataset`: what the receiver's authorization checks against.
+/// `target` into `target_dataset`: what the receiver's authorization checks against. The
+/// claim and the PV it is bound to exist too (the receiver checks the plan's binding live);
+/// they are made once, and kept when a later Migration names them again.
 pub async fn sending_migration(
     client: &Client,
     namespace: &str,
@@ -199,6 +201,26 @@ pub async fn sending_migration(
     (source, target): (&str, &str),
     (claim, volume, target_dataset): (&str, &str, &str),
 ) -> Result<()> {
+    let vol = crate::k8s::LocalVolume {
+        namespace: namespace.into(),
+        claim: claim.into(),
+        pv: volume.into(),
+        dataset: format!("tank/ployz/{volume}"),
+        path: format!("/tank/ployz/{volume}"),
+    };
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(client.clone());
+    if pvs.get_opt(volume).await?.is_none() {
+        pvs.create(
+            &PostParams::default(),
+            &crate::k8s::local_pv(&vol, source, None)?,
+        )
+        .await?;
+    }
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(client.clone(), namespace);
+    if claims.get_opt(claim).await?.is_none() {
+        crate::k8s::create_claim_naming(client, namespace, claim, volume).await?;
+    }
     let api: Api<Migration> = Api::namespaced(client.clone(), namespace);
     let m = Migration::new(
         name,

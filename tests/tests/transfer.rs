@@ -85,6 +85,10 @@ fn main() -> ExitCode {
                 outside_parent_refused,
             ),
             (
+                "plan_mapping_a_claim_to_another_claim_s_volume_is_refused",
+                foreign_volume_refused,
+            ),
+            (
                 "sender_impersonating_another_machine_is_refused",
                 wrong_peer_refused,
             ),
@@ -833,6 +837,42 @@ fn outside_parent_refused(env: &mut Env) -> Result<()> {
     Ok(())
 }
 
+/// A plan (status, which the source's agent writes) that maps its claim `thief` to
+/// `xfer-data`, the PV bound to another claim and replicated on machine-b: the receiver checks
+/// the binding live and refuses before anything reaches `zfs receive`; the replica keeps its
+/// snapshots.
+fn foreign_volume_refused(env: &mut Env) -> Result<()> {
+    let b = env.machine("machine-b")?;
+    let snapshots = |b: &ZfsMachine| {
+        b.zfs(&[
+            "list",
+            "-H",
+            "-t",
+            "snapshot",
+            "-o",
+            "name,guid",
+            "-r",
+            "tank/ployz/xfer-data",
+        ])
+    };
+    let before = snapshots(b)?;
+    ensure!(
+        !before.trim().is_empty(),
+        "no replica of xfer-data on machine-b"
+    );
+    migration(env, "m-thief", "thief", "xfer-data", "tank/ployz/xfer-data")?;
+    let r = send(env, &job("m-thief", "thief", "xfer-data", "s6")?)?;
+    ensure!(refused(&r) == Some(RefusalReason::UnknownVolume), "{r:?}");
+    let message = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        message.contains(&format!("bound to claim {NS}/{DATA}")),
+        "{message}"
+    );
+    eprintln!("    {message}");
+    ensure!(snapshots(b)? == before, "the replica of xfer-data changed");
+    Ok(())
+}
+
 fn wrong_peer_refused(env: &mut Env) -> Result<()> {
     let ag = agents(env)?;
     // machine-b's own (valid) certificate, used from machine-a: the plan's source is machine-a.
@@ -1085,11 +1125,11 @@ fn crafted_streams_mount_only_below_the_parent(env: &mut Env) -> Result<()> {
         ])?;
         a.zfs(&["snapshot", "-r", &format!("{dataset}@s1")])?;
         let m = format!("m-{name}");
-        migration(env, &m, "crafted", &name, &dataset)?;
+        migration(env, &m, &name, &name, &dataset)?;
         let s = crafting_sender(env, &ag.a, flag)?;
         let net = env.machine("machine-a")?.net.clone();
         let addr = ag.receiver.addr;
-        let job = job(&m, "crafted", &name, "s1")?;
+        let job = job(&m, &name, &name, "s1")?;
         let r = env.block_on(async {
             let tcp = connect_from(net, addr).await?;
             anyhow::Ok(s.send(tcp, &job, &Progress::default()).await)

@@ -2,10 +2,14 @@
 //! Machine publishes. The receiver accepts a stream only for a Migration that exists, targets
 //! this machine, comes from the peer machine (by its certificate), is in a sending phase, and
 //! names the claim; the destination dataset is computed here, under this machine's parent
-//! dataset. Nothing a sender says can make the receiver write elsewhere.
+//! dataset. Nothing a sender says can make the receiver write elsewhere. The plan comes from
+//! the Migration's status, which the source's agent writes: the volume it names for the claim
+//! must be, live, the PersistentVolume that claim of the Migration's namespace is bound to, so
+//! a forged plan cannot aim a stream at another volume's replica.
 
 use std::future::Future;
 
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim};
 use kube::{Api, Client};
 
 use super::protocol::{Action, Hello, RefusalReason};
@@ -163,6 +167,57 @@ pub fn decide(
     Ok(Grant { dataset })
 }
 
+/// The live binding behind a granted volume: PV `volume` is bound to claim `namespace/claim`
+/// (its claimRef, with the claim's UID when both carry one) and the claim names that PV.
+pub fn check_volume(
+    namespace: &str,
+    claim: &str,
+    volume: &str,
+    pv: Option<&PersistentVolume>,
+    pvc: Option<&PersistentVolumeClaim>,
+) -> Result<(), Refusal> {
+    let foreign = |why: String| {
+        refuse(
+            RefusalReason::UnknownVolume,
+            format!(
+                "the plan maps claim {namespace}/{claim} to PersistentVolume {volume}, but {why}; the receiver follows only live bindings"
+            ),
+        )
+    };
+    let pv = pv.ok_or_else(|| foreign(format!("{volume} does not exist")))?;
+    let pvc = pvc.ok_or_else(|| foreign(format!("claim {namespace}/{claim} does not exist")))?;
+    let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    let bound_to = claim_ref.map(|r| {
+        (
+            r.namespace.as_deref().unwrap_or_default(),
+            r.name.as_deref().unwrap_or_default(),
+        )
+    });
+    if bound_to != Some((namespace, claim)) {
+        return Err(foreign(format!(
+            "{volume} is bound to {}",
+            bound_to.map_or("no claim".to_string(), |(n, c)| format!("claim {n}/{c}"))
+        )));
+    }
+    if let (Some(a), Some(b)) = (
+        claim_ref.and_then(|r| r.uid.as_deref()),
+        pvc.metadata.uid.as_deref(),
+    ) && a != b
+    {
+        return Err(foreign(format!(
+            "{volume} is bound to an earlier claim of that name (uid {a}, not {b})"
+        )));
+    }
+    let named = pvc.spec.as_ref().and_then(|s| s.volume_name.as_deref());
+    if named != Some(volume) {
+        return Err(foreign(format!(
+            "the claim names PersistentVolume {}",
+            named.unwrap_or("none")
+        )));
+    }
+    Ok(())
+}
+
 /// Reads the Migration from the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeAuthorizer {
@@ -200,7 +255,27 @@ impl Authorizer for KubeAuthorizer {
                 format!("reading Migration {}: {e}", hello.migration),
             )
         })?;
-        decide(&self.machine, &self.parent, peer, hello, m.as_ref())
+        let grant = decide(&self.machine, &self.parent, peer, hello, m.as_ref())?;
+        let ns = &hello.migration.namespace;
+        let volume = m
+            .as_ref()
+            .and_then(|m| m.status.as_ref()?.plan.as_ref())
+            .and_then(|p| p.volumes.iter().find(|v| v.claim == hello.claim))
+            .map(|v| v.volume.clone())
+            .unwrap_or_default();
+        let internal = |what: &str, e: kube::Error| {
+            refuse(RefusalReason::Internal, format!("reading {what}: {e}"))
+        };
+        let pv = Api::<PersistentVolume>::all(self.client.clone())
+            .get_opt(&volume)
+            .await
+            .map_err(|e| internal(&format!("PersistentVolume {volume}"), e))?;
+        let pvc = Api::<PersistentVolumeClaim>::namespaced(self.client.clone(), ns)
+            .get_opt(&hello.claim)
+            .await
+            .map_err(|e| internal(&format!("claim {ns}/{}", hello.claim), e))?;
+        check_volume(ns, &hello.claim, &volume, pv.as_ref(), pvc.as_ref())?;
+        Ok(grant)
     }
 }
 
@@ -369,6 +444,68 @@ mod tests {
         assert_eq!(
             reason(decide("b", &parent(), "a", &hello("data"), Some(&no_plan))),
             Some(RefusalReason::NotPlanned)
+        );
+    }
+
+    #[test]
+    fn a_volume_is_granted_only_through_its_live_binding() {
+        let pv = |ns: &str, claim: &str, uid: &str| -> PersistentVolume {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "pv-data"},
+                "spec": {"claimRef": {"namespace": ns, "name": claim, "uid": uid}},
+            }))
+            .unwrap_or_default()
+        };
+        let pvc = |volume: &str| -> PersistentVolumeClaim {
+            serde_json::from_value(serde_json::json!({
+                "metadata": {"name": "data", "namespace": "ns", "uid": "u1"},
+                "spec": {"volumeName": volume},
+            }))
+            .unwrap_or_default()
+        };
+        let check = |pv: Option<&PersistentVolume>, pvc: Option<&PersistentVolumeClaim>| {
+            check_volume("ns", "data", "pv-data", pv, pvc).map_err(|r| r.message)
+        };
+        assert_eq!(
+            check(Some(&pv("ns", "data", "u1")), Some(&pvc("pv-data"))),
+            Ok(())
+        );
+        for (what, pv, pvc, says) in [
+            (
+                "another namespace's",
+                pv("victim", "data", "u1"),
+                pvc("pv-data"),
+                "claim victim/data",
+            ),
+            (
+                "another claim's",
+                pv("ns", "other", "u1"),
+                pvc("pv-data"),
+                "claim ns/other",
+            ),
+            (
+                "an earlier claim's",
+                pv("ns", "data", "u0"),
+                pvc("pv-data"),
+                "earlier claim",
+            ),
+            (
+                "a claim naming another PV",
+                pv("ns", "data", "u1"),
+                pvc("pv-other"),
+                "names PersistentVolume pv-other",
+            ),
+        ] {
+            let got = check(Some(&pv), Some(&pvc));
+            assert!(
+                got.as_ref().is_err_and(|m| m.contains(says)),
+                "{what}: {got:?}"
+            );
+        }
+        assert!(check(None, Some(&pvc("pv-data"))).is_err(), "no PV");
+        assert!(
+            check(Some(&pv("ns", "data", "u1")), None).is_err(),
+            "no claim"
         );
     }
 }
