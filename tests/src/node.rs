@@ -180,7 +180,6 @@ impl KubeNode {
         }
         let subnet = self.pod_subnet.clone();
         let kubeconfig = self.kubeconfig.clone();
-        let node = self;
 
         // containerd, in the runtime cgroup, so the shims it starts are found there.
         let config = dirs.containerd.join("config.toml");
@@ -203,26 +202,26 @@ impl KubeNode {
         );
         cmd.env_remove("NOTIFY_SOCKET");
         // A socket left by a containerd that was killed (switched off) is not one that listens.
-        let _ = std::fs::remove_file(&node.socket);
-        node.containerd = Some(Proc::spawn(
+        let _ = std::fs::remove_file(&self.socket);
+        self.containerd = Some(Proc::spawn(
             &format!("containerd-{name}"),
             cmd,
             "/usr/bin/containerd",
             logs,
         )?);
-        let socket = node.socket.clone();
+        let socket = self.socket.clone();
         wait_for(
             &format!("containerd on {name}"),
             Duration::from_secs(30),
             || {
-                if let Some(p) = node.containerd.as_mut() {
+                if let Some(p) = self.containerd.as_mut() {
                     p.check_running()?;
                 }
                 Ok(std::os::unix::net::UnixStream::connect(&socket).is_ok())
             },
         )?;
         for tar in ["pause.tar", "ledger.tar"] {
-            node.import_image(machine, &images.join(tar))?;
+            self.import_image(machine, &images.join(tar))?;
         }
 
         // The pod network: forwarding on the machine, routes from the host.
@@ -261,7 +260,7 @@ impl KubeNode {
                 machine.zfs_node_id()
             ))
             .arg("--v=2");
-        node.kubelet = Some(Proc::spawn(
+        self.kubelet = Some(Proc::spawn(
             &format!("kubelet-{name}"),
             cmd,
             &kubelet.to_string_lossy(),
@@ -270,7 +269,7 @@ impl KubeNode {
         // Registers itself through the kubelet's plugins_registry directory.
         let mut cmd = machine.command(&csi_plugin.to_string_lossy());
         cmd.arg(&dirs.kubelet).arg(machine.zfs_node_id());
-        node.csi = Some(Proc::spawn(
+        self.csi = Some(Proc::spawn(
             &format!("csi-node-{name}"),
             cmd,
             &csi_plugin.to_string_lossy(),

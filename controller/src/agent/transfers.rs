@@ -25,9 +25,8 @@ pub struct Pass {
     pub waiting: Arc<std::sync::atomic::AtomicUsize>,
     /// The task; it leaves its result in `outcome`, then calls its `done`.
     handle: JoinHandle<()>,
+    /// The result, once the task has one; kept until the pass is forgotten.
     outcome: Arc<Mutex<Option<PassResult>>>,
-    /// Set once the task has finished and its result was taken.
-    result: Option<PassResult>,
 }
 
 /// Where a pass stands; `F` is the caller's view of a failure.
@@ -129,13 +128,11 @@ impl Transfers {
             }
             return PassStatus::Idle;
         }
-        if p.result.is_none() {
-            p.result = p.outcome.lock().unwrap_or_else(|e| e.into_inner()).take();
-        }
-        if p.result.is_none() && p.handle.is_finished() {
+        let mut outcome = p.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if outcome.is_none() && p.handle.is_finished() {
             // Finished without a result: the task panicked.
             let joined = futures::FutureExt::now_or_never(&mut p.handle);
-            p.result = joined.map(|j| {
+            *outcome = joined.map(|j| {
                 Err(TransferError::Pump(crate::transfer::pump::PumpError::Net(
                     std::io::Error::other(match j {
                         Ok(()) => "transfer task ended without a result".to_string(),
@@ -144,7 +141,7 @@ impl Transfers {
                 )))
             });
         }
-        match &p.result {
+        match &*outcome {
             None => PassStatus::Running,
             Some(Ok(bytes)) => PassStatus::Done(bytes.iter().sum()),
             Some(Err(e)) => PassStatus::Failed(failed(e)),
@@ -203,7 +200,6 @@ impl Transfers {
                 waiting,
                 handle,
                 outcome,
-                result: None,
             },
         );
         if let Some(old) = old {
@@ -214,10 +210,13 @@ impl Transfers {
     /// Drops `key`'s finished pass for `snapshot` once status has recorded its result.
     pub fn forget(&self, key: &str, snapshot: &str) {
         let mut passes = self.lock();
-        if passes
-            .get(key)
-            .is_some_and(|p| p.snapshot == snapshot && p.result.is_some())
-        {
+        if passes.get(key).is_some_and(|p| {
+            p.snapshot == snapshot
+                && p.outcome
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .is_some()
+        }) {
             passes.remove(key);
         }
     }

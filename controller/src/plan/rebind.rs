@@ -244,16 +244,12 @@ pub fn workload_mounts(
     claim_templates: &[String],
     claim: &str,
 ) -> bool {
-    let named = template
-        .spec
+    super::resolve::template_claims(template)
         .iter()
-        .flat_map(|s| s.volumes.iter().flatten())
-        .filter_map(|v| v.persistent_volume_claim.as_ref())
-        .any(|c| c.claim_name == claim);
-    named
+        .any(|c| c == claim)
         || claim_templates.iter().any(|t| {
             claim
-                .strip_prefix(&format!("{t}-{workload}-"))
+                .strip_prefix(&super::resolve::template_claim_prefix(t, workload))
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
         })
 }

@@ -76,7 +76,7 @@ fn statefulset(s: &StatefulSet) -> Option<Workload> {
             continue;
         };
         for i in 0..replicas.max(0) {
-            claims.push(format!("{tname}-{name}-{i}"));
+            claims.push(format!("{}{i}", template_claim_prefix(tname, &name)));
         }
     }
     Some(Workload {
@@ -91,7 +91,14 @@ fn statefulset(s: &StatefulSet) -> Option<Workload> {
     })
 }
 
-fn template_claims(t: &PodTemplateSpec) -> Vec<String> {
+/// What a StatefulSet's claims from volumeClaimTemplate `template` start with; the ordinal
+/// follows.
+pub fn template_claim_prefix(template: &str, statefulset: &str) -> String {
+    format!("{template}-{statefulset}-")
+}
+
+/// The claims a pod template names.
+pub fn template_claims(t: &PodTemplateSpec) -> Vec<String> {
     t.spec
         .iter()
         .flat_map(|s| s.volumes.iter().flatten())
