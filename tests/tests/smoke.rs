@@ -625,12 +625,25 @@ fn outcome<T>(r: kube::Result<T>) -> Result<Result<(), String>> {
     }
 }
 
+/// Patch parameters of a real write, or of a server-side dry run (`dry`), which goes through
+/// admission (the policies) and stores nothing.
+fn params(dry: bool) -> PatchParams {
+    PatchParams {
+        dry_run: dry,
+        ..PatchParams::default()
+    }
+}
+
 fn set_pin(env: &Env, client: &Client, machine: &str) -> Result<Result<(), String>> {
+    set_pin_dry(env, client, machine, false)
+}
+
+fn set_pin_dry(env: &Env, client: &Client, machine: &str, dry: bool) -> Result<Result<(), String>> {
     let api: Api<Machine> = Api::all(client.clone());
     let pin = format!("sha256:{}", "0".repeat(64));
     outcome(env.block_on(api.patch_status(
         machine,
-        &PatchParams::default(),
+        &params(dry),
         &Patch::Merge(json!({"status": {"tlsPin": pin}})),
     )))
 }
@@ -641,10 +654,20 @@ fn set_phase_message(
     ns: &str,
     name: &str,
 ) -> Result<Result<(), String>> {
+    set_phase_message_dry(env, client, ns, name, false)
+}
+
+fn set_phase_message_dry(
+    env: &Env,
+    client: &Client,
+    ns: &str,
+    name: &str,
+    dry: bool,
+) -> Result<Result<(), String>> {
     let api: Api<Migration> = Api::namespaced(client.clone(), ns);
     outcome(env.block_on(api.patch_status(
         name,
-        &PatchParams::default(),
+        &params(dry),
         &Patch::Merge(json!({"status": {"message": "written by a test"}})),
     )))
 }
@@ -707,11 +730,87 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
         agent_of(env, Some("policy-a"))?,
         agent_of(env, Some("policy-b"))?,
     );
-    // Policies take effect once the API server has loaded them.
+    // PVs: only local PVs below the pool's mount root (or zfs-localpv volumes).
+    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(agent_b.clone());
+    let pv_dry = |name: &str, source: serde_json::Value, dry: bool| -> Result<Result<(), String>> {
+        let mut spec = json!({
+            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
+            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["policy-b"]}]}]}},
+        });
+        if let (Some(spec), Some(source)) = (spec.as_object_mut(), source.as_object()) {
+            spec.extend(source.clone());
+        }
+        let pv = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?;
+        let post = PostParams {
+            dry_run: dry,
+            ..PostParams::default()
+        };
+        outcome(env.block_on(pvs.create(&post, &pv)))
+    };
+    let pv = |name: &str, source: serde_json::Value| pv_dry(name, source, false);
+    // Workloads: where they run, not what they run.
+    env.block_on(k8s::create_deployment(
+        &env.client,
+        ns,
+        "policy-web",
+        "data",
+    ))?;
+    let deployments: Api<Deployment> = Api::namespaced(agent_b.clone(), ns);
+    let patch_dry = |p: serde_json::Value, dry: bool| {
+        outcome(env.block_on(deployments.patch("policy-web", &params(dry), &Patch::Strategic(p))))
+    };
+    let patch = |p: serde_json::Value| patch_dry(p, false);
+    // A namespace user allowed by RBAC to write status (stopped by a policy).
+    kubectl(
+        env,
+        &[
+            "-n",
+            ns,
+            "create",
+            "role",
+            "status-writer",
+            "--verb=patch",
+            "--resource=migrations.ployz.dev/status",
+        ],
+    )?;
+    kubectl(
+        env,
+        &[
+            "-n",
+            ns,
+            "create",
+            "rolebinding",
+            "jane",
+            "--role=status-writer",
+            "--user=jane",
+        ],
+    )?;
+    let jane = client_as(env, "jane", &["system:authenticated"], None)?;
+    // Each policy (and the RBAC applied with them) takes effect once the API server has
+    // loaded it, one after the other: wait until a dry run of a request each policy must
+    // refuse is refused by that policy, for all five.
+    let says = |r: Result<(), String>, words: &str| r.is_err_and(|m| m.contains(words));
     wait_for(
-        "the admission policies to be enforced",
+        "the five admission policies to be enforced",
         Duration::from_secs(30),
-        || Ok(set_pin(env, &agent_b, "policy-a")?.is_err()),
+        || {
+            let other_account =
+                json!({"spec": {"template": {"spec": {"serviceAccountName": "admin"}}}});
+            Ok(says(
+                set_pin_dry(env, &agent_b, "policy-a", true)?,
+                "may write only Machine",
+            ) && says(
+                set_phase_message_dry(env, &agent_b, ns, "web-to-policy-a", true)?,
+                "may write only Migrations whose target",
+            ) && says(
+                set_phase_message_dry(env, &jane, ns, "web-to-policy-a", true)?,
+                "only the ployz agents write",
+            ) && says(
+                pv_dry("policy-probe", json!({"hostPath": {"path": "/"}}), true)?,
+                "writes only local PVs",
+            ) && says(patch_dry(other_account, true)?, "may not change"))
+        },
     )?;
     refused_with(
         set_pin(env, &agent_b, "policy-a")?,
@@ -741,20 +840,6 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
     set_phase_message(env, &agent_a, ns, "web-to-policy-a")?
         .map_err(|e| anyhow::anyhow!("the target's agent could not write status: {e}"))?;
 
-    // PVs: only local PVs below the pool's mount root (or zfs-localpv volumes).
-    let pvs: Api<k8s_openapi::api::core::v1::PersistentVolume> = Api::all(agent_b.clone());
-    let pv = |name: &str, source: serde_json::Value| -> Result<Result<(), String>> {
-        let mut spec = json!({
-            "capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteOnce"],
-            "nodeAffinity": {"required": {"nodeSelectorTerms": [{"matchExpressions": [
-                {"key": "kubernetes.io/hostname", "operator": "In", "values": ["policy-b"]}]}]}},
-        });
-        if let (Some(spec), Some(source)) = (spec.as_object_mut(), source.as_object()) {
-            spec.extend(source.clone());
-        }
-        let pv = serde_json::from_value(json!({"metadata": {"name": name}, "spec": spec}))?;
-        outcome(env.block_on(pvs.create(&PostParams::default(), &pv)))
-    };
     refused_with(
         pv("policy-host-root", json!({"hostPath": {"path": "/"}}))?,
         "writes only local PVs below /tank",
@@ -771,21 +856,6 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
     )?
     .map_err(|e| anyhow::anyhow!("an agent could not create a local PV in the pool: {e}"))?;
 
-    // Workloads: where they run, not what they run.
-    env.block_on(k8s::create_deployment(
-        &env.client,
-        ns,
-        "policy-web",
-        "data",
-    ))?;
-    let deployments: Api<Deployment> = Api::namespaced(agent_b.clone(), ns);
-    let patch = |p: serde_json::Value| {
-        outcome(env.block_on(deployments.patch(
-            "policy-web",
-            &PatchParams::default(),
-            &Patch::Strategic(p),
-        )))
-    };
     refused_with(
         patch(json!({"spec": {"template": {"spec": {"containers": [
             {"name": "policy-web", "image": "attacker.example/shell:1"}]}}}}))?,
@@ -803,32 +873,6 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
     )?
     .map_err(|e| anyhow::anyhow!("an agent could not scale and pin a workload: {e}"))?;
 
-    // A namespace user allowed by RBAC to write status is stopped by the policy.
-    kubectl(
-        env,
-        &[
-            "-n",
-            ns,
-            "create",
-            "role",
-            "status-writer",
-            "--verb=patch",
-            "--resource=migrations.ployz.dev/status",
-        ],
-    )?;
-    kubectl(
-        env,
-        &[
-            "-n",
-            ns,
-            "create",
-            "rolebinding",
-            "jane",
-            "--role=status-writer",
-            "--user=jane",
-        ],
-    )?;
-    let jane = client_as(env, "jane", &["system:authenticated"], None)?;
     refused_with(
         set_phase_message(env, &jane, ns, "web-to-policy-a")?,
         "only the ployz agents write a Migration status (jane tried)",
