@@ -89,7 +89,7 @@ bench: deps bins images
 # this machine's `zfs` userland (tests/images/build-agent-image.sh); prints the image's tar,
 # ready for `ctr images import` or `docker load`. Containerfile builds the same for a registry.
 image:
-	$(CARGO) build --release --locked -p ployz --bin ployz-controller -p ployzctl --bin ployzctl --bin kubectl-ployz
+	$(CARGO) build --release --locked -p ployz --bin ployz-controller --bin ployz-guard -p ployzctl --bin ployzctl --bin kubectl-ployz
 	@tests/images/build-agent-image.sh target/release/ployz-controller \
 		ployz.dev/agent:$$(sed -n 's/^appVersion: "\(.*\)"/\1/p' charts/ployz/Chart.yaml)
 

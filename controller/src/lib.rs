@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod flow;
+pub mod guard;
 pub mod manifest;
 pub mod names;
 pub mod openebs;

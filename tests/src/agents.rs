@@ -391,6 +391,9 @@ impl Agent {
 /// the test machines need. Returns once every Machine is heart-beaten by its agent pod.
 pub fn install_chart(env: &Env, values: &[&str]) -> Result<()> {
     let bin = agent_binary(&env.root)?;
+    // The image carries the guard beside the agent (built with the same features, so the
+    // library is compiled once).
+    build_binary(&env.root, "ployz", "ployz-guard", &["failpoints"])?;
     let image = crate::process::run(
         std::process::Command::new(env.root.join("tests/images/build-agent-image.sh"))
             .arg(&bin)

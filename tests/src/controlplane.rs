@@ -94,6 +94,9 @@ impl ControlPlane {
             format!("--kubelet-client-key={}", s(&kubelet_client_key)),
             // Kubelets are reached on their machine's address, not by a DNS name.
             "--kubelet-preferred-address-types=InternalIP".into(),
+            // No kube-proxy here: the API server calls a webhook Service (ployz-guard) at its
+            // endpoints' pod addresses, which the host routes to, not at its cluster IP.
+            "--enable-aggregator-routing=true".into(),
             "--service-account-issuer=https://kubernetes.default.svc".into(),
             format!("--service-account-key-file={}", s(&pki.sa_pub)),
             format!("--service-account-signing-key-file={}", s(&pki.sa_key)),

@@ -186,6 +186,42 @@ impl Env {
         Ok(env)
     }
 
+    /// A client of the API as `user` in `groups`, with the node name a pod-bound
+    /// service-account token carries when `node` is given (impersonated by the admin, as the
+    /// API server would authenticate a pod on that node).
+    pub fn client_as(&self, user: &str, groups: &[&str], node: Option<&str>) -> Result<Client> {
+        let kubeconfig = kube::config::Kubeconfig::read_from(self.kubeconfig()?)?;
+        let mut config = self.block_on(kube::Config::from_custom_kubeconfig(
+            kubeconfig,
+            &kube::config::KubeConfigOptions::default(),
+        ))?;
+        config.auth_info.impersonate = Some(user.into());
+        config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+        config.auth_info.impersonate_user_extra = node.map(|n| {
+            [(
+                "authentication.kubernetes.io/node-name".to_string(),
+                vec![n.to_string()],
+            )]
+            .into()
+        });
+        // The client's service is spawned on the environment's runtime.
+        let _runtime = self.rt.enter();
+        Ok(Client::try_from(config)?)
+    }
+
+    /// The chart's agent service account, as the agent pod on `node` authenticates.
+    pub fn agent_client(&self, node: Option<&str>) -> Result<Client> {
+        self.client_as(
+            "system:serviceaccount:ployz-system:ployz-agent",
+            &[
+                "system:serviceaccounts",
+                "system:serviceaccounts:ployz-system",
+                "system:authenticated",
+            ],
+            node,
+        )
+    }
+
     pub fn kubeconfig(&self) -> Result<&Path> {
         Ok(&self.control_plane()?.kubeconfig)
     }

@@ -2202,8 +2202,9 @@ fn out_of_descriptors(env: &mut Env) -> Result<()> {
 /// The agents as users install them: the agent image (built offline from the agent binary and
 /// the machines' `zfs`), imported into each node's containerd, and `helm install` of
 /// charts/ployz. The DaemonSet's pods authenticate with their bound service-account tokens,
-/// so the chart's admission policies hold them to their nodes; a Migration then runs
-/// through them.
+/// so the chart's admission policies hold them to their nodes and ployz-guard to their own
+/// Migrations' workloads and volumes; a Migration then runs through them, and an agent's
+/// credentials cannot change a workload or a PV that none of its Migrations concerns.
 fn installed_with_helm(env: &mut Env) -> Result<()> {
     let ag = agents(env)?;
     for old in ag
@@ -2218,8 +2219,9 @@ fn installed_with_helm(env: &mut Env) -> Result<()> {
 
     let pods: Api<k8s_openapi::api::core::v1::Pod> =
         Api::namespaced(env.client.clone(), "ployz-system");
+    let agent_pods = ListParams::default().labels("app.kubernetes.io/component=agent");
     let mut ready: Vec<(String, bool)> = env
-        .block_on(pods.list(&ListParams::default()))?
+        .block_on(pods.list(&agent_pods))?
         .items
         .into_iter()
         .map(|p| {
@@ -2237,7 +2239,7 @@ fn installed_with_helm(env: &mut Env) -> Result<()> {
         "agent pods (node, ready): {ready:?}"
     );
 
-    let moved = move_through_pods(env);
+    let moved = move_through_pods(env).and_then(|()| agents_held_to_their_migrations(env));
     // The pods' logs live in the machines' private /var/log: keep them with the suite's.
     for p in env.block_on(pods.list(&ListParams::default()))?.items {
         let (name, node) = (
@@ -2245,10 +2247,76 @@ fn installed_with_helm(env: &mut Env) -> Result<()> {
             p.spec.and_then(|s| s.node_name).unwrap_or_default(),
         );
         if let Ok(log) = env.block_on(pods.logs(&name, &Default::default())) {
-            std::fs::write(env.logs.join(format!("agent-pod-{node}.log")), log)?;
+            std::fs::write(env.logs.join(format!("pod-{name}-{node}.log")), log)?;
         }
     }
     moved
+}
+
+/// With the chart's credentials, an agent (here machine-b's, impersonated with its node
+/// name) writes no workload and no PV that a Migration of its node does not lock: ployz-guard
+/// refuses, naming why. The workload just moved, now unlocked, is as untouchable as a
+/// bystander.
+fn agents_held_to_their_migrations(env: &Env) -> Result<()> {
+    wait_unlocked(env, "mig-helm")?;
+    let agent_b = env.agent_client(Some(B))?;
+    let bystander = "mig-helm-bystander";
+    env.block_on(k8s::create_namespace(&env.client, bystander))?;
+    env.block_on(k8s::create_deployment(&env.client, bystander, "db", "data"))?;
+    let refused = |what: &str, r: kube::Result<()>, words: &str| match r {
+        Err(kube::Error::Api(e)) if e.message.contains(words) => Ok(()),
+        Err(e) => bail!("{what}: refused, but not saying {words:?}: {e}"),
+        Ok(()) => bail!("{what}: accepted"),
+    };
+    let pin = Patch::Merge(
+        serde_json::json!({"spec": {"replicas": 0, "template": {"spec": {
+        "nodeSelector": {"kubernetes.io/hostname": B}}}}}),
+    );
+    for (ns, name) in [(bystander, "db"), ("mig-helm", "web")] {
+        let api: Api<Deployment> = Api::namespaced(agent_b.clone(), ns);
+        refused(
+            &format!("machine-b's agent scaling and pinning Deployment {ns}/{name}"),
+            env.block_on(api.patch(name, &PatchParams::default(), &pin))
+                .map(drop),
+            "holds none",
+        )?;
+    }
+    let moved: Vec<PersistentVolume> = env
+        .block_on(Api::<PersistentVolume>::all(env.client.clone()).list(&ListParams::default()))?
+        .items
+        .into_iter()
+        .filter(|pv| {
+            pv.spec
+                .as_ref()
+                .and_then(|s| s.claim_ref.as_ref())
+                .and_then(|r| r.namespace.as_deref())
+                == Some("mig-helm")
+        })
+        .collect();
+    ensure!(!moved.is_empty(), "no PV of mig-helm");
+    let pvs: Api<PersistentVolume> = Api::all(agent_b);
+    for pv in moved {
+        let name = pv.name_any();
+        refused(
+            &format!("machine-b's agent changing PV {name}"),
+            env.block_on(pvs.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(
+                    serde_json::json!({"spec": {"persistentVolumeReclaimPolicy": "Delete"}}),
+                ),
+            ))
+            .map(drop),
+            "none does",
+        )?;
+        refused(
+            &format!("machine-b's agent deleting PV {name}"),
+            env.block_on(pvs.delete(&name, &DeleteParams::default()))
+                .map(drop),
+            "none does",
+        )?;
+    }
+    Ok(())
 }
 
 /// machine-a to machine-b and back, through the agent pods.

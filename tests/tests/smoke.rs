@@ -578,42 +578,9 @@ fn zfs_send_over_tcp(env: &mut Env) -> Result<()> {
 }
 
 const AGENT_NS: &str = "ployz-system";
-const AGENT_USER: &str = "system:serviceaccount:ployz-system:ployz-agent";
-
-/// A client of the API as `user` in `groups`, with the node name a pod-bound service-account
-/// token carries when `node` is given (impersonated by the admin, as the API server would
-/// authenticate the agent pod on that node).
-fn client_as(env: &Env, user: &str, groups: &[&str], node: Option<&str>) -> Result<Client> {
-    let kubeconfig = kube::config::Kubeconfig::read_from(env.kubeconfig()?)?;
-    let mut config = env.block_on(kube::Config::from_custom_kubeconfig(
-        kubeconfig,
-        &kube::config::KubeConfigOptions::default(),
-    ))?;
-    config.auth_info.impersonate = Some(user.into());
-    config.auth_info.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
-    config.auth_info.impersonate_user_extra = node.map(|n| {
-        [(
-            "authentication.kubernetes.io/node-name".to_string(),
-            vec![n.to_string()],
-        )]
-        .into()
-    });
-    // The client's service is spawned on the environment's runtime.
-    let _runtime = env.rt.enter();
-    Ok(Client::try_from(config)?)
-}
 
 fn agent_of(env: &Env, node: Option<&str>) -> Result<Client> {
-    client_as(
-        env,
-        AGENT_USER,
-        &[
-            "system:serviceaccounts",
-            "system:serviceaccounts:ployz-system",
-            "system:authenticated",
-        ],
-        node,
-    )
+    env.agent_client(node)
 }
 
 /// `Err(message)` of a refused request, `Ok(())` of an accepted one.
@@ -786,7 +753,7 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
             "--user=jane",
         ],
     )?;
-    let jane = client_as(env, "jane", &["system:authenticated"], None)?;
+    let jane = env.client_as("jane", &["system:authenticated"], None)?;
     // Each policy (and the RBAC applied with them) takes effect once the API server has
     // loaded it, one after the other: wait until a dry run of a request each policy must
     // refuse is refused by that policy, for all five.
@@ -896,7 +863,7 @@ fn chart_policies_hold_agents_to_their_node(env: &mut Env) -> Result<()> {
         ],
     )?;
     env.block_on(k8s::create_namespace(&env.client, "policy-other"))?;
-    let editor = client_as(env, "editor", &["system:authenticated"], None)?;
+    let editor = env.client_as("editor", &["system:authenticated"], None)?;
     let create_in = |namespace: &str| -> Result<Result<(), String>> {
         let api: Api<Migration> = Api::namespaced(editor.clone(), namespace);
         let req = MigrationRequest::new(format!("{namespace}/db").parse()?, "policy-b".parse()?);
