@@ -2294,6 +2294,18 @@ fn agents_held_to_their_migrations(env: &Env) -> Result<()> {
         })
         .collect();
     ensure!(!moved.is_empty(), "no PV of mig-helm");
+    let claims: Api<k8s_openapi::api::core::v1::PersistentVolumeClaim> =
+        Api::namespaced(agent_b.clone(), "mig-helm");
+    refused(
+        "machine-b's agent annotating claim mig-helm/data",
+        env.block_on(claims.patch(
+            "data",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"annotations": {"x": "y"}}})),
+        ))
+        .map(drop),
+        "none does",
+    )?;
     let pvs: Api<PersistentVolume> = Api::all(agent_b);
     for pv in moved {
         let name = pv.name_any();
