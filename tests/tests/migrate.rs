@@ -2268,15 +2268,20 @@ fn agents_held_to_their_migrations(env: &Env) -> Result<()> {
         Err(e) => bail!("{what}: refused, but not saying {words:?}: {e}"),
         Ok(()) => bail!("{what}: accepted"),
     };
-    let pin = Patch::Merge(
-        serde_json::json!({"spec": {"replicas": 0, "template": {"spec": {
-        "nodeSelector": {"kubernetes.io/hostname": B}}}}}),
-    );
+    let pin = Patch::Merge(serde_json::json!({"spec": {"template": {"spec": {
+        "nodeSelector": {"kubernetes.io/hostname": B}}}}}));
+    let scale = Patch::Merge(serde_json::json!({"spec": {"replicas": 0}}));
     for (ns, name) in [(bystander, "db"), ("mig-helm", "web")] {
         let api: Api<Deployment> = Api::namespaced(agent_b.clone(), ns);
         refused(
-            &format!("machine-b's agent scaling and pinning Deployment {ns}/{name}"),
+            &format!("machine-b's agent pinning Deployment {ns}/{name}"),
             env.block_on(api.patch(name, &PatchParams::default(), &pin))
+                .map(drop),
+            "holds none",
+        )?;
+        refused(
+            &format!("machine-b's agent scaling Deployment {ns}/{name}"),
+            env.block_on(api.patch_scale(name, &PatchParams::default(), &scale))
                 .map(drop),
             "holds none",
         )?;

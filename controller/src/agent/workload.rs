@@ -153,8 +153,20 @@ impl Workload {
         Ok(())
     }
 
+    /// Through the `/scale` subresource: the one write of replicas ployz-guard lets through.
     pub async fn scale(&self, replicas: i32) -> Result<(), Error> {
-        self.patch(json!({"spec": {"replicas": replicas}})).await
+        let (pp, patch) = (
+            PatchParams::default(),
+            Patch::Merge(json!({"spec": {"replicas": replicas}})),
+        );
+        if self.reference.kind == "StatefulSet" {
+            let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), &self.namespace);
+            api.patch_scale(self.name(), &pp, &patch).await?;
+        } else {
+            let api: Api<Deployment> = Api::namespaced(self.client.clone(), &self.namespace);
+            api.patch_scale(self.name(), &pp, &patch).await?;
+        }
+        Ok(())
     }
 
     /// Merge-patches the pod template's spec (node pinning).

@@ -50,6 +50,22 @@ async fn workload(client: &Client, ns: &str, w: &WorkloadRef) -> kube::Result<Op
     })
 }
 
+/// The lock of a live workload and the labels of its pods, if it exists.
+pub async fn lock_and_labels(
+    client: &Client,
+    ns: &str,
+    w: &WorkloadRef,
+) -> kube::Result<Option<(Option<String>, BTreeMap<String, String>)>> {
+    Ok(workload(client, ns, w).await?.map(|w| {
+        let labels = w
+            .template
+            .metadata
+            .and_then(|m| m.labels)
+            .unwrap_or_default();
+        (w.lock, labels)
+    }))
+}
+
 /// The node of machine `name`: its Machine's `spec.nodeName` (an agent writes only its own
 /// node's Machine), else the name itself.
 fn node_of(machines: &[Machine], name: &str) -> String {

@@ -85,6 +85,12 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
             if req.operation != Operation::Update {
                 return Err(format!("a ployz agent never creates or deletes {what}"));
             }
+            if req.sub_resource.as_deref() == Some("scale") {
+                return scale(client, node, &ns, &req.name, kind, &what).await;
+            }
+            if let Some(sub) = &req.sub_resource {
+                return Err(format!("a ployz agent never writes {sub} of {what}"));
+            }
             let labels =
                 serde_json::from_value(new["spec"]["template"]["metadata"]["labels"].clone())
                     .unwrap_or_default();
@@ -130,6 +136,36 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
             "ployz-guard judges workloads and volumes, not {resource}.{group}"
         )),
     }
+}
+
+/// A write of a workload's `/scale`, judged by the live workload's lock.
+async fn scale(
+    client: &Client,
+    node: &str,
+    ns: &str,
+    name: &str,
+    kind: &str,
+    what: &str,
+) -> Result<(), String> {
+    let read = |e: kube::Error| {
+        format!("ployz-guard could not read what this write concerns ({e}); retry")
+    };
+    let reference = crate::api::WorkloadRef {
+        kind: if kind == "statefulsets" {
+            "StatefulSet"
+        } else {
+            "Deployment"
+        }
+        .into(),
+        name: name.into(),
+    };
+    let (lock, labels) = facts::lock_and_labels(client, ns, &reference)
+        .await
+        .map_err(read)?
+        .ok_or_else(|| format!("{what} does not exist"))?;
+    let subject = Subject::Workload { name, labels };
+    let holders = facts::holders(client, ns, &subject).await.map_err(read)?;
+    rules::scale_update(node, what, lock.as_deref(), &holders)
 }
 
 /// A write of PV `name` (`pv`), judged by the claim its claimRef names.

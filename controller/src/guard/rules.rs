@@ -6,8 +6,8 @@
 //! writes the agents' RBAC allows (workloads, PersistentVolumes, claims, ZFSVolumes):
 //!
 //! - a workload: only while a Migration whose target or planned source is the agent's node
-//!   holds its lock (`ployz.dev/migration`), and only its replicas, its pods' node pinning (to
-//!   either end of that Migration) and the lock itself; the lock is taken only by the target's
+//!   holds its lock (`ployz.dev/migration`), and only its replicas (through `/scale`), its
+//!   pods' node pinning (to either end of that Migration) and the lock itself; the lock is taken only by the target's
 //!   agent, for the workload its Migration names, when no live Migration holds it;
 //! - a PV, a claim or a ZFSVolume: only one bound to a claim the locked workload mounts (the
 //!   claim's UID and volume name agree with the PV), and a PV only on either end's node.
@@ -58,12 +58,10 @@ fn lock(o: &Value) -> Option<&str> {
 /// Pod-template fields that pin pods to a node: what a move changes.
 const PINNING: [&str; 2] = ["nodeName", "nodeSelector"];
 
-/// `o` without what an agent may change on a locked workload: replicas, pinning, the lock.
+/// `o` without what an agent may change on a locked workload itself: pinning and the lock
+/// (replicas change through the `/scale` subresource).
 fn fixed_part(o: &Value) -> Value {
     let mut spec = o["spec"].clone();
-    if let Some(s) = spec.as_object_mut() {
-        s.remove("replicas");
-    }
     if let Some(t) = spec["template"]["spec"].as_object_mut() {
         for f in PINNING {
             t.remove(f);
@@ -115,7 +113,7 @@ pub fn workload_update(
 ) -> Result<(), String> {
     if fixed_part(old) != fixed_part(new) {
         return Err(format!(
-            "a ployz agent changes only the replicas, node pinning and lock of a workload; this write to {what} changes more"
+            "a ployz agent changes only the node pinning and lock of a workload (and its replicas through /scale); this write to {what} changes more"
         ));
     }
     let live = |name: &str| holder(holders, name).filter(|h| !h.terminal);
@@ -144,8 +142,7 @@ pub fn workload_update(
                     "Migration {m} does not name {what} (spec.service); its lock goes on the workload it names"
                 ));
             }
-            if old["spec"]["replicas"] != new["spec"]["replicas"] || !new_pins(old, new).is_empty()
-            {
+            if !new_pins(old, new).is_empty() {
                 return Err(format!(
                     "taking the lock of {what} changes nothing else in the same write"
                 ));
@@ -162,17 +159,7 @@ pub fn workload_update(
             )),
         },
         (Some(m), Some(_)) | (None, Some(m)) => {
-            let Some(h) = live(m) else {
-                return Err(format!(
-                    "{what} is locked by Migration {m}, which is over or gone; only releasing the lock is allowed"
-                ));
-            };
-            if !h.concerns(node) {
-                return Err(format!(
-                    "the agent of node {node} may change {what} only for a Migration it is the source or target of; Migration {m} moves it between {}",
-                    h.ends()
-                ));
-            }
+            let h = end_of_holder(node, what, m, holders)?;
             for pin in new_pins(old, new) {
                 if !h.concerns(&pin) {
                     return Err(format!(
@@ -183,9 +170,48 @@ pub fn workload_update(
             }
             Ok(())
         }
-        (None, None) => Err(format!(
-            "the agent of node {node} may change {what} only while a Migration it is the source or target of holds its lock ({LOCK_ANNOTATION}); it holds none. Move a workload with a Migration"
-        )),
+        (None, None) => Err(unlocked(node, what)),
+    }
+}
+
+fn unlocked(node: &str, what: &str) -> String {
+    format!(
+        "the agent of node {node} may change {what} only while a Migration it is the source or target of holds its lock ({LOCK_ANNOTATION}); it holds none. Move a workload with a Migration"
+    )
+}
+
+/// The running Migration `m` holding a workload's lock, when `node` is one of its ends.
+fn end_of_holder<'a>(
+    node: &str,
+    what: &str,
+    m: &str,
+    holders: &'a [Holder],
+) -> Result<&'a Holder, String> {
+    let Some(h) = holder(holders, m).filter(|h| !h.terminal) else {
+        return Err(format!(
+            "{what} is locked by Migration {m}, which is over or gone; only releasing the lock is allowed"
+        ));
+    };
+    if !h.concerns(node) {
+        return Err(format!(
+            "the agent of node {node} may change {what} only for a Migration it is the source or target of; Migration {m} moves it between {}",
+            h.ends()
+        ));
+    }
+    Ok(h)
+}
+
+/// A write of a workload's `/scale` subresource (its replicas) by the agent of `node`; `lock`
+/// is the live workload's lock.
+pub fn scale_update(
+    node: &str,
+    what: &str,
+    lock: Option<&str>,
+    holders: &[Holder],
+) -> Result<(), String> {
+    match lock {
+        Some(m) => end_of_holder(node, what, m, holders).map(|_| ()),
+        None => Err(unlocked(node, what)),
     }
 }
 
@@ -337,27 +363,48 @@ mod tests {
 
     #[test]
     fn an_unlocked_workload_is_changed_by_no_agent() {
-        let r = workload_update(
-            "a",
-            W,
-            &deployment(None, 1, None),
-            &deployment(None, 0, None),
-            &[],
-        );
+        let (old, new) = (deployment(None, 0, None), deployment(None, 0, Some("a")));
+        let r = workload_update("a", W, &old, &new, &[]);
         assert!(r.is_err_and(|e| e.contains("holds none")));
     }
 
     #[test]
-    fn a_workload_is_changed_only_by_the_ends_of_the_migration_holding_its_lock() {
+    fn a_workload_is_scaled_only_by_the_ends_of_the_migration_holding_its_lock() {
+        let hs = [moving("m", Some("a"), "b")];
+        assert_eq!(scale_update("a", W, Some("m"), &hs), Ok(()));
+        assert_eq!(scale_update("b", W, Some("m"), &hs), Ok(()));
+        let r = scale_update("c", W, Some("m"), &hs);
+        assert!(r.is_err_and(|e| e.contains("between a and b")));
+        assert!(scale_update("a", W, None, &hs).is_err_and(|e| e.contains("holds none")));
+        let over = [Holder {
+            terminal: true,
+            ..moving("m", Some("a"), "b")
+        }];
+        assert!(scale_update("a", W, Some("m"), &over).is_err_and(|e| e.contains("over or gone")));
+    }
+
+    #[test]
+    fn a_workload_is_pinned_only_by_the_ends_of_the_migration_holding_its_lock() {
         let hs = [moving("m", Some("a"), "b")];
         let (old, new) = (
-            deployment(Some("m"), 1, None),
             deployment(Some("m"), 0, None),
+            deployment(Some("m"), 0, Some("b")),
         );
         assert_eq!(workload_update("a", W, &old, &new, &hs), Ok(()));
         assert_eq!(workload_update("b", W, &old, &new, &hs), Ok(()));
         let r = workload_update("c", W, &old, &new, &hs);
         assert!(r.is_err_and(|e| e.contains("between a and b")));
+    }
+
+    #[test]
+    fn replicas_change_only_through_scale() {
+        let hs = [moving("m", Some("a"), "b")];
+        let (old, new) = (
+            deployment(Some("m"), 1, None),
+            deployment(Some("m"), 0, None),
+        );
+        let r = workload_update("a", W, &old, &new, &hs);
+        assert!(r.is_err_and(|e| e.contains("through /scale")));
     }
 
     #[test]
@@ -428,8 +475,8 @@ mod tests {
             ..moving("m", Some("a"), "b")
         }];
         let (old, new) = (
-            deployment(Some("m"), 1, None),
             deployment(Some("m"), 0, None),
+            deployment(Some("m"), 0, Some("b")),
         );
         let r = workload_update("a", W, &old, &new, &hs);
         assert!(r.is_err_and(|e| e.contains("over or gone")));
