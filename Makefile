@@ -80,10 +80,12 @@ env: deps bins images
 	$(ENV_DIRS) $(CARGO) run -q -p ployz-e2e --bin ployz-env
 
 # Throughput of the transfer engine against `zfs send | zfs receive` and ssh, measured in the
-# same run; writes docs/BENCHMARKS.md.
+# same run; and where a move's downtime goes on real nodes (256 MiB and 4 GiB). Each writes its
+# section of docs/BENCHMARKS.md.
 bench: deps bins images
 	@tests/env/install-deps.sh bench
 	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench transfer
+	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench downtime
 
 # Release binaries (the agent and ployzctl) and the agent image, built offline from them and
 # this machine's `zfs` userland (tests/images/build-agent-image.sh); prints the image's tar,

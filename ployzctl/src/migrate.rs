@@ -694,6 +694,17 @@ pub fn describe_text(m: &Migration, events: &[Event], now: Timestamp) -> String 
     if let Some(c) = &s.cutover {
         field(&mut o, "Cutover", &format!("{:?}", c.step));
     }
+    if let Some(c) = s.cutover.as_ref().filter(|c| !c.steps.is_empty()) {
+        // Where the downtime went: each step from the start of the scale-down.
+        o.push_str("Cutover steps:\n");
+        for t in &c.steps {
+            let at = t.at.0.duration_since(c.started.0).as_secs_f64();
+            let _ = writeln!(o, "  {at:>7.2}s  {:?}", t.step);
+        }
+        if let Some(ms) = s.downtime_milliseconds {
+            let _ = writeln!(o, "  {:>7.2}s  Ready", ms as f64 / 1000.0);
+        }
+    }
     if let Some(p) = &s.plan {
         o.push_str("Volumes:\n");
         let rows: Vec<Vec<String>> = p
@@ -969,6 +980,10 @@ mod tests {
                      "volumes": [{"claim": "data", "volume": "pv-1",
                                   "sourceDataset": "tank/ployz/a", "targetDataset": "tank/ployz/a"}]},
             "preCopy": {"pass": 2, "snapshot": "s", "passBytes": [1048576, 2048]},
+            "cutover": {"step": "ScaledUp", "originalReplicas": 1, "finalSnapshot": "f",
+                        "started": "2026-12-04T10:00:05.100000Z",
+                        "steps": [{"step": "Started", "at": "2026-12-04T10:00:05.100000Z"},
+                                  {"step": "ScaledDown", "at": "2026-12-04T10:00:05.950000Z"}]},
             "phaseTransitions": [
                 {"phase": "Pending", "time": "2026-12-04T10:00:00Z"},
                 {"phase": "Succeeded", "time": "2026-12-04T10:00:09Z"}],
@@ -991,6 +1006,7 @@ mod tests {
             "Sent:        1.0MiB in 2 pass(es)",
             "  data    pv-1     machine-a:tank/ployz/a   machine-b:tank/ployz/a   full\n",
             "      9.0s  Succeeded\n",
+            "Cutover steps:\n     0.00s  Started\n     0.85s  ScaledDown\n     2.35s  Ready\n",
             "Succeeded   4m",
             "moved to machine-b",
             "ployzctl migrate apply demo/web --to machine-a",

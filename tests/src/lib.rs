@@ -15,6 +15,7 @@ pub mod node;
 pub mod pki;
 pub mod process;
 pub mod reaper;
+pub mod report;
 pub mod suite;
 pub mod vm;
 pub mod wait;

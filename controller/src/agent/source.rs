@@ -23,7 +23,7 @@ use super::workload::{Observed, Workload, pod_ready, replace_pv};
 use super::{Ctx, Error, FINALIZER, LOCK_ANNOTATION, RESOLVE_ANNOTATION};
 use crate::api::{
     Compression, Cutover, CutoverStep, Machine, Migration, MigrationPlan, MigrationStatus, Phase,
-    Reason, RollbackStep, SourceCopy, VolumeBinding, VolumeProgress,
+    Reason, RollbackStep, SourceCopy, StepTime, VolumeBinding, VolumeProgress,
 };
 use crate::flow::{
     self, Claims, Decision, Effect, Facts, Failure, Limits, PassFacts, Pinning, Stage, Then,
@@ -150,8 +150,8 @@ fn workload(ctx: &Ctx, m: &Migration, plan: &MigrationPlan) -> Workload {
 }
 
 /// Time since `since` (zero if the clock says it is in the future).
-pub(super) fn elapsed(since: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> Duration {
-    non_negative(k8s_openapi::jiff::Timestamp::now().duration_since(since.0))
+pub(super) fn elapsed(since: &k8s_openapi::jiff::Timestamp) -> Duration {
+    non_negative(k8s_openapi::jiff::Timestamp::now().duration_since(*since))
 }
 
 fn non_negative(d: k8s_openapi::jiff::SignedDuration) -> Duration {
@@ -189,12 +189,12 @@ async fn observe(
         locked_by_us: observed.as_ref().is_some_and(|o| {
             o.annotations.get(LOCK_ANNOTATION).map(String::as_str) == Some(&m.name_any())
         }),
-        since_cutover: s.cutover.as_ref().map(|c| elapsed(&c.started)),
+        since_cutover: s.cutover.as_ref().map(|c| elapsed(&c.started.0)),
         since_scale_up: s
             .cutover
             .as_ref()
             .and_then(|c| c.scaled_up.as_ref())
-            .map(elapsed),
+            .map(|t| elapsed(&t.0)),
         resolve: match m.annotations().get(RESOLVE_ANNOTATION).map(String::as_str) {
             Some("cancel") => Some(flow::Resolve::Cancel),
             Some("abandon") => Some(flow::Resolve::Abandon),
@@ -602,30 +602,45 @@ async fn record(
             }
         }
         Then::StartCutover { replicas } => {
+            let started = status::now_micro();
             s.cutover = Some(Cutover {
                 step: CutoverStep::Started,
                 original_replicas: replicas,
-                started: status::now(),
+                started: started.clone(),
                 final_snapshot: snapshot_name(&uid(m), None),
                 scaled_up: None,
                 volumes: vec![],
                 original_placement: None,
+                steps: vec![StepTime {
+                    step: CutoverStep::Started,
+                    at: started,
+                }],
             });
         }
         Then::Step(step) => {
             if let Some(c) = s.cutover.as_mut() {
                 if c.step != step {
-                    info!(migration = %key(m), ?step, elapsed_ms = elapsed(&c.started).as_millis() as u64, "cutover step done");
+                    info!(migration = %key(m), ?step, elapsed_ms = elapsed(&c.started.0).as_millis() as u64, "cutover step done");
+                    c.steps.push(StepTime {
+                        step,
+                        at: status::now_micro(),
+                    });
                 }
                 c.step = step;
                 if step == CutoverStep::ScaledUp && c.scaled_up.is_none() {
-                    c.scaled_up = Some(status::now());
+                    c.scaled_up = Some(status::now_micro());
                 }
             }
         }
         Then::FinalSent { bytes } => {
             if let Some(c) = s.cutover.as_mut() {
                 consumed = Some(c.final_snapshot.clone());
+                if c.step != CutoverStep::FinalSent {
+                    c.steps.push(StepTime {
+                        step: CutoverStep::FinalSent,
+                        at: status::now_micro(),
+                    });
+                }
                 c.step = CutoverStep::FinalSent;
             }
             if let Some(pc) = s.pre_copy.as_mut() {
@@ -665,7 +680,7 @@ async fn record(
             let c = s.cutover.clone();
             let downtime_ms = c
                 .as_ref()
-                .map_or(0, |c| elapsed(&c.started).as_millis() as u64);
+                .map_or(0, |c| elapsed(&c.started.0).as_millis() as u64);
             s.downtime_milliseconds = Some(downtime_ms);
             let sent: u64 = s.pre_copy.as_ref().map_or(0, |p| p.pass_bytes.iter().sum());
             let delete = m.spec.source_copy == Some(SourceCopy::Delete);
@@ -1371,7 +1386,7 @@ fn finish_metrics(ctx: &Ctx, s: &MigrationStatus, result: &str) {
     if let Some(start) = &s.start_time {
         ctx.metrics
             .duration_seconds
-            .observe(elapsed(start).as_secs_f64());
+            .observe(elapsed(&start.0).as_secs_f64());
     }
 }
 

@@ -16,6 +16,11 @@ pub fn now() -> Time {
     Time(Timestamp::now())
 }
 
+/// Now, kept to the microsecond in status (what a duration is measured from).
+pub fn now_micro() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime {
+    k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(Timestamp::now())
+}
+
 pub fn api(ctx: &Ctx, m: &Migration) -> Api<Migration> {
     Api::namespaced(ctx.client.clone(), &m.namespace().unwrap_or_default())
 }

@@ -145,7 +145,9 @@ async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error>
         .await?
         .and_then(|x| x.status)
         .and_then(|x| x.heartbeat_time);
-    let silent = heartbeat.as_ref().map_or(deadline, source::elapsed);
+    let silent = heartbeat
+        .as_ref()
+        .map_or(deadline, |t| source::elapsed(&t.0));
     if silent < deadline {
         // Looked at again when the deadline could pass (or on any change).
         return Ok(Action::requeue(deadline - silent + Duration::from_secs(1)));

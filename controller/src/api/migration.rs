@@ -1,7 +1,7 @@
 //! The `Migration` resource: "move this workload to that machine".
 
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -320,8 +320,9 @@ pub struct Cutover {
     pub step: CutoverStep,
     /// Replicas of the workload before the scale-down.
     pub original_replicas: i32,
-    /// When the scale-down started (downtime is measured from here).
-    pub started: Time,
+    /// When the scale-down started (downtime is measured from here). To the microsecond: a
+    /// `Time` keeps whole seconds, which would add up to a second to the downtime.
+    pub started: MicroTime,
     /// Final snapshot (short name).
     pub final_snapshot: String,
     /// The volumes as they were bound on the source.
@@ -329,11 +330,22 @@ pub struct Cutover {
     pub volumes: Vec<VolumeBinding>,
     /// When the workload was scaled back up on the target (the Ready wait starts here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scaled_up: Option<Time>,
+    pub scaled_up: Option<MicroTime>,
+    /// When each step was reached, in order: where the downtime goes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepTime>,
     /// The pod template's node pinning before it was pointed at the target (JSON), when it
     /// had any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub original_placement: Option<String>,
+}
+
+/// A cutover step and when it was reached.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StepTime {
+    pub step: CutoverStep,
+    pub at: MicroTime,
 }
 
 /// A volume's binding on the source, kept for rollback.

@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-
 use super::*;
 use crate::api::{Cutover, PreCopy, VolumeBinding};
 
@@ -32,7 +30,9 @@ fn cutover(step: CutoverStep) -> MigrationStatus {
     s.cutover = Some(Cutover {
         step,
         original_replicas: 2,
-        started: Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+        started: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ),
         final_snapshot: "ployz-x-final".into(),
         volumes: vec![VolumeBinding {
             claim: "data".into(),
@@ -43,6 +43,7 @@ fn cutover(step: CutoverStep) -> MigrationStatus {
         }],
         scaled_up: None,
         original_placement: None,
+        steps: vec![],
     });
     s
 }
