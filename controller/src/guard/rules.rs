@@ -117,40 +117,42 @@ pub fn workload_update(
         ));
     }
     let live = |name: &str| holder(holders, name).filter(|h| !h.terminal);
-    match (lock(old), lock(new)) {
-        (old_lock, Some(m)) if old_lock != Some(m) => {
-            // Taking the lock (or a stale one's place).
-            if let Some(other) = old_lock.and_then(live) {
-                return Err(format!(
-                    "{what} is locked by Migration {}, which is still running; a second Migration cannot take it",
-                    other.name
-                ));
-            }
-            let Some(h) = live(m).filter(|h| !h.deleting) else {
-                return Err(format!(
-                    "{what} can be locked only for a running Migration of its namespace; {m} is none"
-                ));
-            };
-            if h.target_node != node {
-                return Err(format!(
-                    "only the agent of the target node {} locks {what} for Migration {m}, not the agent of {node}",
-                    h.target_node
-                ));
-            }
-            if !h.designates {
-                return Err(format!(
-                    "Migration {m} does not name {what} (spec.service); its lock goes on the workload it names"
-                ));
-            }
-            if !new_pins(old, new).is_empty() {
-                return Err(format!(
-                    "taking the lock of {what} changes nothing else in the same write"
-                ));
-            }
-            Ok(())
+    let (old_lock, new_lock) = (lock(old), lock(new));
+    let pins = new_pins(old, new);
+    if old_lock != new_lock && !pins.is_empty() {
+        return Err(format!(
+            "taking or releasing the lock of {what} changes nothing else in the same write"
+        ));
+    }
+    if let Some(m) = new_lock.filter(|m| old_lock != Some(*m)) {
+        // Taking the lock (or a finished Migration's place).
+        if let Some(other) = old_lock.and_then(live) {
+            return Err(format!(
+                "{what} is locked by Migration {}, which is still running; a second Migration cannot take it",
+                other.name
+            ));
         }
+        let Some(h) = live(m).filter(|h| !h.deleting) else {
+            return Err(format!(
+                "{what} can be locked only for a running Migration of its namespace; {m} is none"
+            ));
+        };
+        if h.target_node != node {
+            return Err(format!(
+                "only the agent of the target node {} locks {what} for Migration {m}, not the agent of {node}",
+                h.target_node
+            ));
+        }
+        if !h.designates {
+            return Err(format!(
+                "Migration {m} does not name {what} (spec.service); its lock goes on the workload it names"
+            ));
+        }
+        return Ok(());
+    }
+    match (old_lock, new_lock) {
         (Some(m), None) => match live(m) {
-            // A lock its Migration no longer needs: releasing it changes nothing else.
+            // A lock its Migration no longer needs: anyone may release it.
             None => Ok(()),
             Some(h) if h.concerns(node) => Ok(()),
             Some(h) => Err(format!(
@@ -158,9 +160,9 @@ pub fn workload_update(
                 h.ends()
             )),
         },
-        (Some(m), Some(_)) | (None, Some(m)) => {
+        (Some(m), Some(_)) => {
             let h = end_of_holder(node, what, m, holders)?;
-            for pin in new_pins(old, new) {
+            for pin in pins {
                 if !h.concerns(&pin) {
                     return Err(format!(
                         "{what} may be pinned only to {} (the ends of Migration {m}), not to {pin:?}",
@@ -170,7 +172,7 @@ pub fn workload_update(
             }
             Ok(())
         }
-        (None, None) => Err(unlocked(node, what)),
+        (None, _) => Err(unlocked(node, what)),
     }
 }
 
@@ -480,6 +482,16 @@ mod tests {
         );
         let r = workload_update("a", W, &old, &new, &hs);
         assert!(r.is_err_and(|e| e.contains("over or gone")));
+    }
+
+    #[test]
+    fn releasing_a_stale_lock_pins_nothing() {
+        let (old, new) = (
+            deployment(Some("m"), 0, None),
+            deployment(None, 0, Some("c")),
+        );
+        let r = workload_update("c", W, &old, &new, &[]);
+        assert!(r.is_err_and(|e| e.contains("changes nothing else")));
     }
 
     #[test]
