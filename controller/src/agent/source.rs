@@ -242,7 +242,7 @@ async fn observe(
     );
     let needs_pinning = matches!(
         stage,
-        Stage::CuttingOver(Some(CutoverStep::Rebound))
+        Stage::CuttingOver(Some(CutoverStep::Started | CutoverStep::Rebound))
             | Stage::RollingBack {
                 step: Some(RollbackStep::Rebound),
                 ..
@@ -482,6 +482,8 @@ async fn perform(
             }
         }
         Effect::RecordPinning | Effect::PinToTarget => {
+            // Recorded before the scale-down (or, for a cutover an older agent began, at
+            // Rebound); applied at Rebound.
             let e = ends(ctx, plan).await?;
             let observed = w.get().await?;
             let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node) else {

@@ -24,6 +24,8 @@
 //! | CuttingOver < ScaledUp | target unreachable 5 s (no "complete") | abort transfers  | RollingBack(TargetUnreachable) |
 //! | taken over, < FinalSent| (the source's agent is gone)           | abort transfers  | RollingBack(SourceUnreachable) |
 //! | CuttingOver (new)      |                                        | -                | record replicas: Started  |
+//! | Started                | bindings not recorded                  | -                | record PV (and ZFSVolume) |
+//! | Started                | pinned to the source, unrecorded       | -                | record original pinning   |
 //! | Started                | replicas > 0 / pods left               | scale to 0 / -   | wait                      |
 //! | Started                | no pod left                            | -                | ScaledDown                |
 //! | ScaledDown             | final pass idle / running / done       | snapshot+send / progress / - | wait / wait / FinalSent |
@@ -501,6 +503,14 @@ fn cutting_over(
         .as_ref()
         .is_some_and(|c| c.original_placement.is_some());
     match step {
+        // What the cutover may have to undo is read before the workload stops, so that the
+        // downtime does not pay for it: the PVs as bound on the source, the original pinning.
+        CutoverStep::Started if !bindings_recorded => {
+            d(Effect::RecordBindings, Then::Step(CutoverStep::Started))
+        }
+        CutoverStep::Started if f.pinning == Pinning::Source && !pinning_recorded => {
+            d(Effect::RecordPinning, Then::Step(CutoverStep::Started))
+        }
         CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(WATCHED))),
         CutoverStep::Started if w.pods > 0 => wait(WATCHED),
         CutoverStep::Started => d(Effect::Nothing, Then::Step(CutoverStep::ScaledDown)),
@@ -513,6 +523,7 @@ fn cutting_over(
             PassFacts::Done(bytes) => d(Effect::Nothing, Then::FinalSent { bytes: *bytes }),
             PassFacts::Failed(e) => pass_failed(s, e),
         },
+        // A cutover recorded by an agent that did not record them before the scale-down.
         CutoverStep::FinalSent if !bindings_recorded => {
             d(Effect::RecordBindings, Then::Step(CutoverStep::FinalSent))
         }

@@ -432,6 +432,30 @@ fn the_final_pass_is_snapshotted_sent_and_recorded() {
 }
 
 #[test]
+fn what_a_rollback_needs_is_recorded_before_the_workload_stops() {
+    let mut s = cutover(CutoverStep::Started);
+    s.cutover.iter_mut().for_each(|c| c.volumes.clear());
+    assert_eq!(
+        decide_(&s, &facts()),
+        d(Effect::RecordBindings, Then::Step(CutoverStep::Started))
+    );
+    let pinned = Facts {
+        pinning: Pinning::Source,
+        ..facts()
+    };
+    assert_eq!(
+        decide_(&cutover(CutoverStep::Started), &pinned),
+        d(Effect::RecordPinning, Then::Step(CutoverStep::Started))
+    );
+    let mut recorded = cutover(CutoverStep::Started);
+    recorded
+        .cutover
+        .iter_mut()
+        .for_each(|c| c.original_placement = Some("{}".into()));
+    assert_eq!(decide_(&recorded, &pinned).effect, Effect::Scale(0));
+}
+
+#[test]
 fn bindings_are_recorded_before_the_target_is_promoted() {
     let mut s = cutover(CutoverStep::FinalSent);
     s.cutover.iter_mut().for_each(|c| c.volumes.clear());
