@@ -124,7 +124,8 @@ fn bench(env: &Env) -> Result<String> {
             NS,
             &volume,
             ("machine-a", "machine-b"),
-            ("data", &volume, &ds),
+            // A claim per volume: the receiver follows the claim's live binding.
+            (&volume, &volume, &ds),
         ))?;
         let mut local = Sample {
             size,
@@ -228,7 +229,7 @@ impl Bench<'_> {
                 namespace: NS.into(),
                 name: volume.into(),
             },
-            claim: "data".into(),
+            claim: volume.into(),
             target_machine: "machine-b".into(),
             target_pin: Some(self.pin_b.clone()),
             dataset: format!("tank/ployz/{volume}").parse()?,
@@ -302,10 +303,8 @@ fn start_sshd(b: &ZfsMachine, dir: &std::path::Path) -> Result<Proc> {
             b.ip()
         ),
     )?;
-    if !std::path::Path::new("/run/sshd").exists() {
-        ployz_e2e::reaper::register(ployz_e2e::reaper::Resource::EmptyDir("/run/sshd".into()));
-        std::fs::create_dir_all("/run/sshd")?;
-    }
+    // sshd's privilege separation directory, in the machine's own /run (a private mount).
+    b.sh("mkdir -p /run/sshd")?;
     let mut cmd = b.command("/usr/sbin/sshd");
     cmd.args(["-D", "-e", "-f", &format!("{d}/sshd_config")]);
     let mut p = Proc::spawn("sshd", cmd, "/usr/sbin/sshd", dir)?;

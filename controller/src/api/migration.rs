@@ -320,8 +320,8 @@ pub struct Cutover {
     pub step: CutoverStep,
     /// Replicas of the workload before the scale-down.
     pub original_replicas: i32,
-    /// When the scale-down started (downtime is measured from here). To the microsecond: a
-    /// `Time` keeps whole seconds, which would add up to a second to the downtime.
+    /// When the scale-down was written (downtime is measured from here). To the microsecond:
+    /// a `Time` keeps whole seconds, which would add up to a second to the downtime.
     pub started: MicroTime,
     /// Final snapshot (short name).
     pub final_snapshot: String,
