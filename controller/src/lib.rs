@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod entry;
 pub mod flow;
 pub mod guard;
 pub mod manifest;

@@ -25,28 +25,10 @@ const MIB: u64 = 1 << 20;
 const MACHINES: [&str; 2] = ["machine-a", "machine-b"];
 
 fn main() -> ExitCode {
+    // `cargo bench` passes --bench; nothing else to parse.
     let mut opts = Options::new("bench-downtime");
     opts.pool_size = 12 << 30;
-    let env = match Env::start(opts) {
-        Ok(env) => env,
-        Err(e) => {
-            eprintln!("error: the environment did not start: {e:#}");
-            ployz_e2e::reaper::release_all();
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = bench(&env);
-    drop(env);
-    match result {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ployz_e2e::report::run_bench(opts, bench)
 }
 
 /// One move: seconds from the start of the scale-down to each step, the end of the downtime

@@ -31,26 +31,7 @@ fn main() -> ExitCode {
     // `cargo bench` passes --bench; nothing else to parse.
     let mut opts = Options::new("bench");
     opts.pool_size = 8 << 30;
-    let env = match Env::start(opts) {
-        Ok(env) => env,
-        Err(e) => {
-            eprintln!("error: the environment did not start: {e:#}");
-            ployz_e2e::reaper::release_all();
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = bench(&env);
-    drop(env);
-    match result {
-        Ok(report) => {
-            print!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    ployz_e2e::report::run_bench(opts, bench)
 }
 
 struct Sample {
