@@ -454,25 +454,7 @@ async fn perform(
                     .insert(uid(m), Instant::now());
             }
         }
-        Effect::Scale(n) => {
-            w.scale(*n).await?;
-            // The downtime starts with the scale-down, not when the cutover was recorded
-            // (what the rollback needs is read in between, while the workload still runs).
-            if *n == 0
-                && next.phase == Some(Phase::CuttingOver)
-                && let Some(c) = next.cutover.as_mut()
-                && c.step == CutoverStep::Started
-            {
-                c.started = status::now_micro();
-                for t in c
-                    .steps
-                    .iter_mut()
-                    .filter(|t| t.step == CutoverStep::Started)
-                {
-                    t.at = c.started.clone();
-                }
-            }
-        }
+        Effect::Scale(n) => w.scale(*n).await?,
         Effect::RecordBindings => {
             let bindings = bindings(ctx, plan).await?;
             if let Some(c) = next.cutover.as_mut() {
@@ -636,6 +618,21 @@ async fn record(
                     at: started,
                 }],
             });
+        }
+        // The downtime starts with the scale-down, not when the cutover was recorded (what
+        // a rollback needs is read in between, while the workload still runs).
+        Then::ScalingDown => {
+            if let Some(c) = s.cutover.as_mut() {
+                c.started = status::now_micro();
+                for t in c
+                    .steps
+                    .iter_mut()
+                    .filter(|t| t.step == CutoverStep::Started)
+                {
+                    t.at = c.started.clone();
+                }
+            }
+            action = Action::requeue(flow::WATCHED);
         }
         Then::Step(step) => {
             if let Some(c) = s.cutover.as_mut() {

@@ -270,6 +270,8 @@ pub enum Then {
         replicas: i32,
     },
     Step(CutoverStep),
+    /// The scale-down is written: the downtime starts now; look again after `WATCHED`.
+    ScalingDown,
     /// The final pass is done.
     FinalSent {
         bytes: u64,
@@ -511,7 +513,7 @@ fn cutting_over(
         CutoverStep::Started if f.pinning == Pinning::Source && !pinning_recorded => {
             d(Effect::RecordPinning, Then::Step(CutoverStep::Started))
         }
-        CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::Wait(Some(WATCHED))),
+        CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::ScalingDown),
         CutoverStep::Started if w.pods > 0 => wait(WATCHED),
         CutoverStep::Started => d(Effect::Nothing, Then::Step(CutoverStep::ScaledDown)),
         CutoverStep::ScaledDown => match &f.pass {

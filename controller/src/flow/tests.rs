@@ -347,7 +347,11 @@ fn the_cutover_records_the_replicas_before_stopping_anything() {
 #[test]
 fn the_cutover_scales_to_zero_then_waits_for_every_pod_to_go() {
     let s = cutover(CutoverStep::Started);
-    assert_eq!(decide_(&s, &facts()).effect, Effect::Scale(0));
+    // The downtime clock starts with the scale-down write.
+    assert_eq!(
+        decide_(&s, &facts()),
+        d(Effect::Scale(0), Then::ScalingDown)
+    );
     let terminating = Facts {
         workload: Some(WorkloadFacts {
             replicas: 0,

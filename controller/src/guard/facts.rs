@@ -117,7 +117,8 @@ pub async fn holders(
             ..Holder::default()
         };
         match subject {
-            Subject::Workload { name, labels } => {
+            // Only a running Migration can take a lock: no Service read for the others.
+            Subject::Workload { name, labels } if !h.terminal => {
                 h.designates = m.spec.service == *name
                     || match Api::<Service>::namespaced(client.clone(), ns)
                         .get_opt(&m.spec.service)
@@ -129,6 +130,7 @@ pub async fn holders(
                         None => false,
                     };
             }
+            Subject::Workload { .. } => {}
             Subject::Claim(claim) => {
                 if let (Some(p), false) = (plan, h.terminal) {
                     let w = workload(client, ns, &p.workload).await?;

@@ -57,6 +57,11 @@ pub struct Config {
     pub dns_names: Vec<String>,
 }
 
+/// The denial of a write whose concerns could not be read (the guard fails closed).
+fn unread(e: kube::Error) -> String {
+    format!("ployz-guard could not read what this write concerns ({e}); retry")
+}
+
 /// A request judged: allowed, or denied with a message that names the problem.
 async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result<(), String> {
     let node = req
@@ -73,9 +78,6 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
     };
     let (old, new) = (value(&req.old_object), value(&req.object));
     let ns = req.namespace.clone().unwrap_or_default();
-    let read = |e: kube::Error| {
-        format!("ployz-guard could not read what this write concerns ({e}); retry")
-    };
     match (req.resource.group.as_str(), req.resource.resource.as_str()) {
         ("apps", kind @ ("deployments" | "statefulsets")) => {
             let what = match kind {
@@ -98,7 +100,9 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
                 name: &req.name,
                 labels,
             };
-            let holders = facts::holders(client, &ns, &subject).await.map_err(read)?;
+            let holders = facts::holders(client, &ns, &subject)
+                .await
+                .map_err(unread)?;
             rules::workload_update(node, &what, &old, &new, &holders)
         }
         ("", "persistentvolumes") => {
@@ -109,11 +113,11 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
         ("", "persistentvolumeclaims") => {
             let claim = facts::claim(client, &ns, &req.name)
                 .await
-                .map_err(read)?
+                .map_err(unread)?
                 .ok_or_else(|| format!("PersistentVolumeClaim {ns}/{} does not exist", req.name))?;
             let holders = facts::holders(client, &ns, &Subject::Claim(&req.name))
                 .await
-                .map_err(read)?;
+                .map_err(unread)?;
             rules::claim_update(node, &claim, &old, &new, &holders)
         }
         // A zfs-localpv volume's owner follows its PV: the PV of the same name, with this
@@ -121,7 +125,7 @@ async fn judge(client: &Client, req: &AdmissionRequest<DynamicObject>) -> Result
         ("zfs.openebs.io", "zfsvolumes") => {
             let pv = facts::pv(client, &req.name)
                 .await
-                .map_err(read)?
+                .map_err(unread)?
                 .and_then(|pv| serde_json::to_value(pv).ok())
                 .filter(|pv| pv["spec"]["csi"]["volumeHandle"].as_str() == Some(&req.name))
                 .ok_or_else(|| {
@@ -147,9 +151,6 @@ async fn scale(
     kind: &str,
     what: &str,
 ) -> Result<(), String> {
-    let read = |e: kube::Error| {
-        format!("ployz-guard could not read what this write concerns ({e}); retry")
-    };
     let reference = crate::api::WorkloadRef {
         kind: if kind == "statefulsets" {
             "StatefulSet"
@@ -161,10 +162,10 @@ async fn scale(
     };
     let (lock, labels) = facts::lock_and_labels(client, ns, &reference)
         .await
-        .map_err(read)?
+        .map_err(unread)?
         .ok_or_else(|| format!("{what} does not exist"))?;
     let subject = Subject::Workload { name, labels };
-    let holders = facts::holders(client, ns, &subject).await.map_err(read)?;
+    let holders = facts::holders(client, ns, &subject).await.map_err(unread)?;
     rules::scale_update(node, what, lock.as_deref(), &holders)
 }
 
@@ -176,17 +177,14 @@ async fn volume(
     pv: &Value,
     deleting: bool,
 ) -> Result<(), String> {
-    let read = |e: kube::Error| {
-        format!("ployz-guard could not read what this write concerns ({e}); retry")
-    };
     let r = &pv["spec"]["claimRef"];
     let (Some(ns), Some(claim_name)) = (r["namespace"].as_str(), r["name"].as_str()) else {
         return rules::pv_write(node, name, pv, deleting, None, &[]);
     };
-    let claim = facts::claim(client, ns, claim_name).await.map_err(read)?;
+    let claim = facts::claim(client, ns, claim_name).await.map_err(unread)?;
     let holders = facts::holders(client, ns, &Subject::Claim(claim_name))
         .await
-        .map_err(read)?;
+        .map_err(unread)?;
     rules::pv_write(node, name, pv, deleting, claim.as_ref(), &holders)
 }
 
