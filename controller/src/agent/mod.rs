@@ -2,6 +2,7 @@
 //! Migrations that concern its machine. The target's agent admits a Migration (plans it, locks
 //! the workload); the source's agent drives it through snapshot, send, cutover and rollback.
 
+mod fresh;
 mod http;
 mod machine;
 pub mod metrics;
@@ -25,7 +26,7 @@ use futures::StreamExt;
 use kube::api::{Api, ListParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt as _, reflector, watcher};
 use kube::{Client, ResourceExt};
 use tracing::{Instrument as _, info, warn};
 
@@ -148,6 +149,12 @@ pub struct Ctx {
     pub unreachable: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
     /// Wake-ups of the Migrations this agent drives, and the watches open for them.
     pub wakeups: wake::Wakeups,
+    /// The Migration versions this agent last read live or wrote (agent/fresh.rs).
+    pub fresh: fresh::Fresh,
+    /// The newest heartbeat read of each peer.
+    pub heartbeats: fresh::Heartbeats,
+    /// Machines read live recently, for a waiting step's facts.
+    pub machines: fresh::Recent<crate::api::Machine>,
 }
 
 impl std::fmt::Debug for Ctx {
@@ -217,8 +224,12 @@ fn error_policy(m: Arc<Migration>, e: &Error, ctx: Arc<Ctx>) -> Action {
         .next(&m.uid().unwrap_or_default(), e.first_delay());
     warn!(migration = %m.name_any(), error = %e, ?delay, "reconcile failed; retrying");
     ctx.metrics.reconcile_errors.inc();
-    // A conflict only means a newer version exists: decided again at once, not an error.
+    // A conflict only means a newer version exists: decided again at once, from a live read,
+    // not an error.
     let conflict = matches!(e, Error::Kube(kube::Error::Api(a)) if a.code == 409);
+    if conflict {
+        ctx.fresh.forget(&m.uid().unwrap_or_default());
+    }
     if !conflict {
         let note = format!("{e}; retrying in {}s", delay.as_secs().max(1));
         tokio::spawn(async move {
@@ -254,15 +265,31 @@ fn role<F, Fut>(
     api: Api<Migration>,
     watch: watcher::Config,
     reconcile: F,
+    only_waits: fn(&Migration) -> bool,
     ctx: Arc<Ctx>,
 ) -> impl std::future::Future<Output = ()>
 where
-    F: Fn(Arc<Migration>, Arc<Ctx>) -> Fut + Copy + Send + Sync + 'static,
+    F: Fn(Arc<Migration>, Arc<Ctx>, fresh::Read) -> Fut + Copy + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Action, Error>> + Send + 'static,
 {
     // What a driven Migration waits for (its pass ending, its pods or claims changing) wakes
-    // it through `wakeups`, with the watches its driver opens; see wake.rs.
-    Controller::new(api, watch)
+    // it through `wakeups`, with the watches its driver opens; see wake.rs. The watch is
+    // built here rather than by `Controller::new` to count what it receives.
+    let (reader, writer) = reflector::store();
+    let metrics = Arc::clone(&ctx.metrics);
+    let watched = format!("migrations_{role}");
+    let migrations = watcher(api, watch)
+        .default_backoff()
+        .inspect(move |event| {
+            if let Ok(event) = event {
+                for _ in wake::objects(event) {
+                    metrics.watched(&watched);
+                }
+            }
+        })
+        .reflect(writer)
+        .applied_objects();
+    Controller::for_stream(migrations, reader)
         .reconcile_on(ctx.wakeups.subscribe())
         .shutdown_on_signal()
         .run(
@@ -273,18 +300,20 @@ where
                     role
                 );
                 async move {
-                    // Decide from the live object: the watch cache may lag behind (a watch
-                    // that reconnects late after an API-server restart), and a stale status
-                    // must never drive an effect.
-                    let m = match status::api(&ctx, &cached).get_opt(&cached.name_any()).await {
-                        Ok(Some(m)) => Arc::new(m),
-                        Ok(None) => {
-                            ctx.wakeups.forget(&cached.uid().unwrap_or_default());
-                            return Ok(Action::await_change());
+                    // Decide from the live object, or from the cache when it holds the version
+                    // this agent last read live or wrote, or when this role only waits on it
+                    // (see fresh.rs).
+                    let from_cache = ctx.fresh.current(&cached)
+                        || (only_waits(&cached) && ctx.fresh.may_wait_on(&cached));
+                    let (m, read) = if from_cache {
+                        (cached, fresh::Read::Cached)
+                    } else {
+                        match live(&ctx, &cached).await? {
+                            Some(m) => (m, fresh::Read::Live),
+                            None => return Ok(Action::await_change()),
                         }
-                        Err(e) => return Err(e.into()),
                     };
-                    let result = reconcile(Arc::clone(&m), Arc::clone(&ctx)).await;
+                    let result = reconcile(Arc::clone(&m), Arc::clone(&ctx), read).await;
                     reset_on_success(&ctx, &m, result).await
                 }
                 .instrument(span)
@@ -293,6 +322,48 @@ where
             ctx,
         )
         .for_each(|_| async {})
+}
+
+/// A client of the API (in-cluster or KUBECONFIG) that counts each request it sends
+/// (`ployz_api_requests_total`): what an agent costs the API server, per verb and resource.
+async fn counted_client(metrics: Arc<metrics::Metrics>) -> Result<Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let count =
+        tower::util::MapRequestLayer::new(move |req: ::http::Request<kube::client::Body>| {
+            metrics.request(req.method().as_str(), req.uri().path(), req.uri().query());
+            req
+        });
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("configuring the Kubernetes client")?
+        .with_layer(&count)
+        .build())
+}
+
+/// The Migration as the API has it now (remembered as seen), or `None` once it is gone.
+pub async fn live(ctx: &Ctx, m: &Migration) -> Result<Option<Arc<Migration>>, Error> {
+    match status::api(ctx, m).get_opt(&m.name_any()).await? {
+        Some(live) => {
+            ctx.fresh.saw(&live);
+            Ok(Some(Arc::new(live)))
+        }
+        None => {
+            let uid = m.uid().unwrap_or_default();
+            ctx.wakeups.forget(&uid);
+            ctx.fresh.gone(&uid);
+            Ok(None)
+        }
+    }
+}
+
+/// Confirms a Migration read from the cache before acting on it: `Some` when the API still has
+/// that version, `None` when it moved on (decide again: the next reconcile reads it live) or
+/// is gone.
+pub async fn confirm(ctx: &Ctx, m: &Migration) -> Result<Option<Arc<Migration>>, Error> {
+    Ok(live(ctx, m)
+        .await?
+        .filter(|l| l.resource_version() == m.resource_version()))
 }
 
 /// Fails fast, with the fix, when the ployz CRDs are missing.
@@ -311,9 +382,8 @@ async fn check_crds(client: &Client) -> Result<()> {
 
 /// Runs the agent until a signal.
 pub async fn run(config: Config) -> Result<()> {
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG)")?;
+    let metrics = Arc::new(metrics::Metrics::default());
+    let client = counted_client(Arc::clone(&metrics)).await?;
     check_crds(&client).await?;
     // Migrations carry their source machine as a label value: a longer name could never be
     // found by its own agent's watch.
@@ -338,7 +408,6 @@ pub async fn run(config: Config) -> Result<()> {
         _ => Identity::generate(&machine).context("generating the agent's TLS key")?,
     };
     info!(pin = %identity.pin(), "TLS key; peers accept this machine only with it");
-    let metrics = Arc::new(metrics::Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
     let server = Arc::new(Server::new(
@@ -388,8 +457,11 @@ pub async fn run(config: Config) -> Result<()> {
         unreachable: Default::default(),
         pruned: Default::default(),
         progress_written: Default::default(),
-        wakeups: wake::Wakeups::new(metrics.step_watches.clone()),
+        wakeups: wake::Wakeups::new(metrics.step_watches.clone(), metrics.watch_objects.clone()),
         metrics: Arc::clone(&metrics),
+        fresh: Default::default(),
+        heartbeats: Default::default(),
+        machines: Default::default(),
         config,
     });
     let ready_condition = machine::publish(&ctx).await?;
@@ -402,6 +474,7 @@ pub async fn run(config: Config) -> Result<()> {
         api.clone(),
         watcher::Config::default().fields(&format!("spec.to={machine}")),
         target::reconcile,
+        target::only_waits,
         Arc::clone(&ctx),
     );
     let as_source = role(
@@ -409,6 +482,7 @@ pub async fn run(config: Config) -> Result<()> {
         api,
         watcher::Config::default().labels(&format!("{SOURCE_LABEL}={machine}")),
         source::reconcile,
+        |_| false,
         Arc::clone(&ctx),
     );
     let received = Arc::clone(&server);

@@ -1,5 +1,6 @@
 //! The source machine's side: the executor of a planned Migration. Each reconcile reads the
-//! Migration live, gathers the facts its stage needs, asks [`crate::flow::decide`] for the
+//! Migration live (or from the cache, confirmed live before it acts: fresh.rs), gathers the
+//! facts its stage needs, asks [`crate::flow::decide`] for the
 //! next effect, performs it and writes status once, on the condition that the Migration did
 //! not change meanwhile. Whatever an effect creates or must undo was recorded by an earlier
 //! write, and every effect is idempotent, so a restarted agent picks up where it was.
@@ -15,6 +16,7 @@ use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::{info, warn};
 
+use super::fresh::Read;
 use super::metrics::ResultLabel;
 use super::status::{self, key};
 use super::transfers::{PassStatus, SendFn};
@@ -46,7 +48,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 /// Longest wait for a peer's answer to a promote or demote.
 const PEER_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>, read: Read) -> Result<Action, Error> {
     let s = m.status.clone().unwrap_or_default();
     let Some(plan) = s.plan.clone() else {
         return Ok(Action::await_change());
@@ -82,7 +84,7 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
         ctx.wakeups.follow(&ctx.client, &m, None);
         return Ok(Action::await_change());
     }
-    drive(m, ctx, s, plan).await
+    drive(m, ctx, s, plan, read).await
 }
 
 /// Runs one decision of the Migration this agent drives.
@@ -91,11 +93,16 @@ pub async fn drive(
     ctx: Arc<Ctx>,
     s: MigrationStatus,
     plan: MigrationPlan,
+    read: Read,
 ) -> Result<Action, Error> {
     let stage = Stage::of(&s);
     let w = workload(&ctx, &m, &plan);
     let facts = observe(&ctx, &m, &s, &plan, &stage, &w).await?;
     let decision = flow::decide(&s, &facts, &limits(&ctx, &m));
+    // Waiting may be decided from the cache; acting only from what the API has now.
+    if read == Read::Cached && decision.effect.acts() && super::confirm(&ctx, &m).await?.is_none() {
+        return Ok(Action::requeue(Duration::ZERO));
+    }
     let mut next = s.clone();
     let mut warning = None;
     let then = match perform(&ctx, &m, &plan, &w, &mut next, &decision.effect).await {
@@ -260,7 +267,8 @@ async fn observe(
     let probe = matches!(stage, Stage::CuttingOver(Some(step)) if *step < CutoverStep::ScaledUp)
         && plan.target != ctx.machine;
     let ends = if needs_pods || needs_pinning || probe {
-        Some(ends(ctx, plan).await?)
+        // Read every few seconds while the step waits: recent reads serve.
+        Some(ends(ctx, plan, Read::Cached).await?)
     } else {
         None
     };
@@ -473,7 +481,7 @@ async fn perform(
             fail::fail_point!("before-rebind-to-target", |_| crash(
                 "before-rebind-to-target"
             ));
-            let e = ends(ctx, plan).await?;
+            let e = ends(ctx, plan, Read::Live).await?;
             let bindings: Vec<&VolumeBinding> =
                 next.cutover.iter().flat_map(|c| &c.volumes).collect();
             check_mounted(w, &bindings, true).await?;
@@ -484,7 +492,7 @@ async fn perform(
         Effect::RecordPinning | Effect::PinToTarget => {
             // Recorded before the scale-down (or, for a cutover an older agent began, at
             // Rebound); applied at Rebound.
-            let e = ends(ctx, plan).await?;
+            let e = ends(ctx, plan, Read::Live).await?;
             let observed = w.get().await?;
             let Some(p) = pinning(&observed.template, &e.source_node, &e.target_node) else {
                 return Ok(());
@@ -503,7 +511,7 @@ async fn perform(
         Effect::RestoreReclaimPolicy => restore_reclaim_policies(ctx, next).await?,
         Effect::RetireSource(copy) => retire_source(ctx, m, plan, next, *copy).await?,
         Effect::RebindToSource => {
-            let e = ends(ctx, plan).await?;
+            let e = ends(ctx, plan, Read::Live).await?;
             let bindings: Vec<&VolumeBinding> =
                 next.cutover.iter().flat_map(|c| &c.volumes).collect();
             check_mounted(w, &bindings, false).await?;
@@ -520,7 +528,7 @@ async fn perform(
                 let patch: serde_json::Value =
                     serde_json::from_str(original).map_err(|e| Error::Other(e.to_string()))?;
                 // Merged into the pod template: only ever node pinning back to the source.
-                let source_node = ends(ctx, plan).await?.source_node;
+                let source_node = ends(ctx, plan, Read::Live).await?.source_node;
                 check_recorded_pinning(&patch, &source_node).map_err(|why| {
                     Error::PlanMismatch(format!(
                         "the original placement recorded in status is not restored: {why}"
@@ -994,12 +1002,16 @@ async fn start_pass(
             let job = &jobs[i];
             let connect = || dial_agent(&client, &job.target_machine);
             let report = sender.send_with_retry(connect, job, &progress, 3).await?;
-            // The target holds this snapshot now: retention keeps it as the common one.
+            // The target holds this snapshot now: retention keeps it as the common one. Best
+            // effort (a missing mark only costs space), so not awaited: after the final pass
+            // the workload is down, and a `zfs set` is tens of milliseconds on zfs-fuse.
             if let Ok(snap) = job.dataset.snapshot(&job.to) {
                 let value = crate::zfs::retention::with_peer(None, &job.target_machine);
-                if let Err(e) = zfs.set(&snap.to_string(), PROP_PEERS, &value).await {
-                    warn!(%snap, error = %e, "cannot record the snapshot's peer");
-                }
+                tokio::spawn(async move {
+                    if let Err(e) = zfs.set(&snap.to_string(), PROP_PEERS, &value).await {
+                        warn!(%snap, error = %e, "cannot record the snapshot's peer");
+                    }
+                });
             }
             Ok(report)
         })
@@ -1040,10 +1052,20 @@ impl Ends {
     }
 }
 
-async fn ends(ctx: &Ctx, plan: &MigrationPlan) -> Result<Ends, Error> {
-    let machines: Api<Machine> = Api::all(ctx.client.clone());
-    let source = machines.get(&plan.source).await?;
-    let target = machines.get(&plan.target).await?;
+/// The plan's two machines: read live for an effect, or as read recently for a fact.
+async fn ends(ctx: &Ctx, plan: &MigrationPlan, read: Read) -> Result<Ends, Error> {
+    let machine = async |name: &str| -> Result<Machine, Error> {
+        if read == Read::Cached
+            && let Some(m) = ctx.machines.get(name)
+        {
+            return Ok(m);
+        }
+        let m = Api::<Machine>::all(ctx.client.clone()).get(name).await?;
+        ctx.machines.put(name, m.clone());
+        Ok(m)
+    };
+    let source = machine(&plan.source).await?;
+    let target = machine(&plan.target).await?;
     let pool_mountpoint = |m: &Machine| m.status.as_ref().and_then(|s| s.pool_mountpoint.clone());
     let (source_pool_mountpoint, target_pool_mountpoint) =
         (pool_mountpoint(&source), pool_mountpoint(&target));

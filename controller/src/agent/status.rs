@@ -36,7 +36,9 @@ pub async fn write(ctx: &Ctx, m: &Migration, status: &MigrationStatus) -> Result
         field_manager: Some(super::MANAGER.into()),
         ..PostParams::default()
     };
-    Ok(api(ctx, m).replace_status(&m.name_any(), &pp, &obj).await?)
+    let written = api(ctx, m).replace_status(&m.name_any(), &pp, &obj).await?;
+    ctx.fresh.saw(&written);
+    Ok(written)
 }
 
 /// Sets a condition; its transition time changes only with its status.

@@ -12,6 +12,7 @@ use kube::runtime::events::EventType;
 use serde_json::json;
 use tracing::warn;
 
+use super::fresh::Read;
 use super::source;
 use super::status::{self, transition};
 use super::workload::Workload;
@@ -19,19 +20,46 @@ use super::{Ctx, Error, FINALIZER, SOURCE_LABEL};
 use crate::api::{Machine, Migration, Phase, PreCopy};
 use crate::plan::{self, Reason, observe::observe};
 
-pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+/// Past admission this role only waits on a Migration (for the source's heartbeat to stop),
+/// takes it over by a write conditional on the version it read, or drives it after a
+/// takeover, confirming live before each effect: the watch cache serves (agent/fresh.rs).
+pub fn only_waits(m: &Migration) -> bool {
+    m.status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_some_and(|p| p != Phase::Pending)
+}
+
+pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>, read: Read) -> Result<Action, Error> {
     let phase = m.status.as_ref().and_then(|s| s.phase);
     if !matches!(phase, None | Some(Phase::Pending)) {
-        return watch_source(m, ctx).await;
+        return watch_source(m, ctx, read).await;
     }
     if m.metadata.deletion_timestamp.is_some() {
         return Ok(Action::await_change());
     }
+    // Admission plans and locks: only from what the API has now.
+    let m = match read {
+        Read::Live => m,
+        Read::Cached => match super::confirm(&ctx, &m).await? {
+            Some(m) => m,
+            None => return Ok(Action::requeue(Duration::ZERO)),
+        },
+    };
     let ns = m.namespace().unwrap_or_default();
     let name = m.name_any();
+    let started = std::time::Instant::now();
     let obs = observe(&ctx.client, &ns, &ctx.config.openebs_namespace).await?;
+    ctx.metrics
+        .observe_seconds
+        .observe(started.elapsed().as_secs_f64());
     let s = m.status.clone().unwrap_or_default();
-    let planned = match plan::plan(&obs, &m) {
+    let started = std::time::Instant::now();
+    let planned = plan::plan(&obs, &m);
+    ctx.metrics
+        .plan_seconds
+        .observe(started.elapsed().as_secs_f64());
+    let planned = match planned {
         Ok(p) => p,
         // The source agent may just be starting: wait for it rather than fail.
         Err(e) if e.reason == Reason::MachineNotReady => {
@@ -121,7 +149,7 @@ pub async fn reconcile(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error
 /// source's agent still heart-beats, and takes the Migration over when it has not for
 /// `--takeover-seconds`. The takeover is a status write conditional on the version read, so
 /// a source agent that is merely slow and writes meanwhile keeps the Migration.
-async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>, read: Read) -> Result<Action, Error> {
     let s = m.status.clone().unwrap_or_default();
     let Some(plan) = s.plan.clone() else {
         return Ok(Action::await_change());
@@ -133,21 +161,31 @@ async fn watch_source(m: Arc<Migration>, ctx: Arc<Ctx>) -> Result<Action, Error>
         super::retention::prune(&ctx, &m, &plan).await;
     }
     if s.taken_over_by.as_deref() == Some(&ctx.machine) {
-        return source::drive(m, ctx, s, plan).await;
+        return source::drive(m, ctx, s, plan, read).await;
     }
     if s.phase.is_some_and(Phase::is_terminal) {
         return Ok(Action::await_change());
     }
     let deadline = Duration::from_secs(ctx.config.takeover_seconds);
+    // Heartbeats only move forward: one already read that is recent enough proves the source
+    // alive without reading its Machine again (each of its status writes wakes this role).
+    let silent =
+        |at: Option<k8s_openapi::jiff::Timestamp>| at.as_ref().map_or(deadline, source::elapsed);
+    let known = silent(ctx.heartbeats.newest(&plan.source));
+    if known < deadline {
+        return Ok(Action::requeue(deadline - known + Duration::from_secs(1)));
+    }
     let machines: Api<Machine> = Api::all(ctx.client.clone());
     let heartbeat = machines
         .get_opt(&plan.source)
         .await?
         .and_then(|x| x.status)
-        .and_then(|x| x.heartbeat_time);
-    let silent = heartbeat
-        .as_ref()
-        .map_or(deadline, |t| source::elapsed(&t.0));
+        .and_then(|x| x.heartbeat_time)
+        .map(|t| t.0);
+    if let Some(at) = heartbeat {
+        ctx.heartbeats.saw(&plan.source, at);
+    }
+    let silent = silent(heartbeat);
     if silent < deadline {
         // Looked at again when the deadline could pass (or on any change).
         return Ok(Action::requeue(deadline - silent + Duration::from_secs(1)));

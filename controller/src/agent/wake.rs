@@ -3,8 +3,8 @@
 //! pods or claims, changes to exactly those: a watch of the workload's pods (by its selector,
 //! on whichever node) or of the claims in its namespace, opened for that step and closed
 //! after it. An agent therefore receives only objects of the migrations it drives, and only
-//! while they wait; the step's own fallback requeue covers an event missed between its read
-//! and the watch's start.
+//! while they wait. A watch that has just listed wakes its step once, for what changed between
+//! the step's read and the watch's start; the step's own fallback look is the last resort.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -15,10 +15,13 @@ use kube::api::Api;
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Client, Resource};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use super::metrics::WatchLabel;
 use crate::api::Migration;
 
 /// What a step waits for, to be woken by.
@@ -41,6 +44,8 @@ pub struct Wakeups {
     watches: Mutex<HashMap<String, (Wait, AbortHandle)>>,
     /// How many are open (`ployz_step_watches`).
     open: Gauge,
+    /// Objects the step watches received (`ployz_watch_objects_total`).
+    received: Family<WatchLabel, Counter>,
 }
 
 impl std::fmt::Debug for Wakeups {
@@ -50,9 +55,10 @@ impl std::fmt::Debug for Wakeups {
 }
 
 impl Wakeups {
-    pub fn new(open: Gauge) -> Self {
+    pub fn new(open: Gauge, received: Family<WatchLabel, Counter>) -> Self {
         Self {
             open,
+            received,
             ..Self::default()
         }
     }
@@ -91,16 +97,25 @@ impl Wakeups {
         };
         let ns = m.meta().namespace.clone().unwrap_or_default();
         let waker = self.waker(m);
+        let counter = |watch: &str| {
+            self.received
+                .get_or_create(&WatchLabel {
+                    watch: watch.into(),
+                })
+                .clone()
+        };
         let task = match &wait {
             Wait::Pods { selector } => tokio::spawn(wake_on_changes(
                 Api::<Pod>::namespaced(client.clone(), &ns),
                 watcher::Config::default().labels(selector),
                 waker,
+                counter("step_pods"),
             )),
             Wait::Claims => tokio::spawn(wake_on_changes(
                 Api::<PersistentVolumeClaim>::namespaced(client.clone(), &ns),
                 watcher::Config::default(),
                 waker,
+                counter("step_claims"),
             )),
         };
         watches.insert(uid, (wait, task.abort_handle()));
@@ -133,9 +148,11 @@ impl Waker {
     }
 }
 
-/// Wakes on every change after the initial list (the step has just read that state itself).
-/// A watch error is retried by the watcher's own backoff.
-async fn wake_on_changes<K>(api: Api<K>, config: watcher::Config, waker: Waker)
+/// Wakes on every change, and once the initial list is complete: a change between the
+/// step's own read and the watch's start is seen there, not at the step's fallback look
+/// seconds later. The same holds for a re-list after the watch reconnects. A watch error is
+/// retried by the watcher's own backoff.
+async fn wake_on_changes<K>(api: Api<K>, config: watcher::Config, waker: Waker, received: Counter)
 where
     K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
@@ -143,13 +160,27 @@ where
     let events = watcher(api, config).default_backoff();
     futures::pin_mut!(events);
     while let Some(event) = events.next().await {
+        if let Ok(event) = &event {
+            received.inc_by(objects(event).count() as u64);
+        }
         if matches!(
             event,
-            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone)
         ) {
             waker.wake();
         }
     }
+}
+
+/// The objects a watch event carries (none for the markers around a re-list).
+pub fn objects<K>(event: &watcher::Event<K>) -> impl Iterator<Item = &K> {
+    match event {
+        watcher::Event::Apply(k) | watcher::Event::Delete(k) | watcher::Event::InitApply(k) => {
+            Some(k)
+        }
+        watcher::Event::Init | watcher::Event::InitDone => None,
+    }
+    .into_iter()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -71,9 +71,15 @@ pub const MAX_TRANSFER_FAILURES: u32 = 7;
 pub const PEER_DEADLINE: Duration = Duration::from_secs(5);
 /// How often progress is looked at while a pass runs.
 pub const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-/// How often a waiting step looks again: a fallback, since what it waits for wakes it (the
-/// pass it started ends, the workload's pods or the claims change: agent/wake.rs).
-pub const WATCHED: Duration = Duration::from_secs(1);
+/// How long a waiting step sleeps at most: what it waits for wakes it (the pass it started
+/// ends, the workload's pods or the claims change: agent/wake.rs), so this look is only a
+/// fallback, and the pace of the source's probe of the target during a cutover. A deadline
+/// the step checks is looked at when it passes ([`next_look`]), not up to this much later.
+/// Each look reads the workload and its pods: a longer sleep means fewer API requests.
+pub const WATCHED: Duration = Duration::from_secs(5);
+/// The shortest sleep of a waiting step: a deadline at the edge is decided at the next look,
+/// not in a loop.
+const MIN_LOOK: Duration = Duration::from_millis(100);
 
 /// Where a migration is, as its status records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,6 +256,14 @@ pub enum Effect {
     RemoveFinalizer,
 }
 
+impl Effect {
+    /// Changes something outside this Migration's status (ZFS, a workload, a PV, a peer, a
+    /// transfer): decided only from a Migration read live (agent/fresh.rs).
+    pub fn acts(&self) -> bool {
+        !matches!(self, Effect::Nothing | Effect::ReportProgress)
+    }
+}
+
 /// What status records after the effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Then {
@@ -300,6 +314,15 @@ fn d(effect: Effect, then: Then) -> Decision {
 
 fn wait(after: Duration) -> Decision {
     d(Effect::Nothing, Then::Wait(Some(after)))
+}
+
+/// When a watched wait looks again: at the first of what is `left` of its deadlines, and
+/// after [`WATCHED`] at the latest.
+fn next_look(left: impl IntoIterator<Item = Option<Duration>>) -> Duration {
+    left.into_iter()
+        .flatten()
+        .fold(WATCHED, Duration::min)
+        .max(MIN_LOOK)
 }
 
 fn roll_back(reason: Reason, message: impl Into<String>) -> Decision {
@@ -498,6 +521,19 @@ fn cutting_over(
             ),
         );
     }
+    // The deadlines checked above and at ScaledUp, so that a wait looks again when they pass.
+    let look = next_look(
+        [
+            (!forward).then(|| f.since_cutover.map(|t| l.cutover.saturating_sub(t))),
+            (!forward && step < CutoverStep::ScaledUp).then(|| {
+                f.target_unreachable_for
+                    .map(|t| PEER_DEADLINE.saturating_sub(t))
+            }),
+            (!forward && step == CutoverStep::ScaledUp)
+                .then(|| f.since_scale_up.map(|t| l.target_ready.saturating_sub(t))),
+        ]
+        .map(Option::flatten),
+    );
     let replicas = s.cutover.as_ref().map_or(0, |c| c.original_replicas);
     let bindings_recorded = s.cutover.as_ref().is_some_and(|c| !c.volumes.is_empty());
     let pinning_recorded = s
@@ -514,14 +550,14 @@ fn cutting_over(
             d(Effect::RecordPinning, Then::Step(CutoverStep::Started))
         }
         CutoverStep::Started if w.replicas != 0 => d(Effect::Scale(0), Then::ScalingDown),
-        CutoverStep::Started if w.pods > 0 => wait(WATCHED),
+        CutoverStep::Started if w.pods > 0 => wait(look),
         CutoverStep::Started => d(Effect::Nothing, Then::Step(CutoverStep::ScaledDown)),
         CutoverStep::ScaledDown => match &f.pass {
             PassFacts::Idle => match f.retry_in {
                 Some(left) if !left.is_zero() => wait(left),
-                _ => d(Effect::StartFinalPass, Then::Wait(Some(WATCHED))),
+                _ => d(Effect::StartFinalPass, Then::Wait(Some(look))),
             },
-            PassFacts::Running => report_progress(f, WATCHED),
+            PassFacts::Running => report_progress(f, look.min(PROGRESS_EVERY)),
             PassFacts::Done(bytes) => d(Effect::Nothing, Then::FinalSent { bytes: *bytes }),
             PassFacts::Failed(e) => pass_failed(s, e),
         },
@@ -545,8 +581,8 @@ fn cutting_over(
                 Effect::RestoreReclaimPolicy,
                 Then::Wait(Some(Duration::ZERO)),
             ),
-            Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(WATCHED))),
-            Claims::Pending => wait(WATCHED),
+            Claims::Lost => d(Effect::TouchClaims, Then::Wait(Some(look))),
+            Claims::Pending => wait(look),
             Claims::Bound => d(Effect::Scale(replicas), Then::Step(CutoverStep::ScaledUp)),
         },
         CutoverStep::ScaledUp => {
@@ -566,7 +602,7 @@ fn cutting_over(
                     ),
                 );
             }
-            wait(WATCHED)
+            wait(look)
         }
     }
 }

@@ -222,8 +222,62 @@ fn progress_is_written_at_most_every_two_seconds() {
         ..just_written.clone()
     };
     assert_eq!(decide_(&s, &due).effect, Effect::ReportProgress);
+    // The final pass's end wakes its step; the look before it is the next progress report.
     let final_pass = cutover(CutoverStep::ScaledDown);
-    assert_eq!(decide_(&final_pass, &just_written), wait(WATCHED));
+    assert_eq!(
+        decide_(&final_pass, &just_written),
+        wait(Duration::from_millis(1500))
+    );
+}
+
+#[test]
+fn a_watched_wait_looks_again_when_a_deadline_passes_not_later() {
+    // Nothing due: the watches wake the step; the look is the fallback.
+    let waiting = Facts {
+        since_cutover: Some(Duration::from_secs(1)),
+        ..facts()
+    };
+    let mut started = cutover(CutoverStep::Started);
+    if let Some(c) = started.cutover.as_mut() {
+        c.original_placement = Some("{}".into());
+    }
+    let stopping = Facts {
+        workload: Some(WorkloadFacts {
+            replicas: 0,
+            pods: 1,
+            ready_on_target: 0,
+        }),
+        ..waiting.clone()
+    };
+    assert_eq!(decide_(&started, &stopping), wait(WATCHED));
+    // The cutover's deadline in 2 s.
+    let late = Facts {
+        since_cutover: Some(LIMITS.cutover - Duration::from_secs(2)),
+        ..stopping.clone()
+    };
+    assert_eq!(decide_(&started, &late), wait(Duration::from_secs(2)));
+    // The target unreachable for 4 s: the peer deadline in 1 s.
+    let silent = Facts {
+        target_unreachable_for: Some(PEER_DEADLINE - Duration::from_secs(1)),
+        ..stopping.clone()
+    };
+    assert_eq!(decide_(&started, &silent), wait(Duration::from_secs(1)));
+    // Started on the target: readiness has its own deadline; the peer's no longer counts.
+    let scaled_up = cutover(CutoverStep::ScaledUp);
+    let not_ready = Facts {
+        since_scale_up: Some(LIMITS.target_ready - Duration::from_millis(300)),
+        ..silent.clone()
+    };
+    assert_eq!(
+        decide_(&scaled_up, &not_ready),
+        wait(Duration::from_millis(300))
+    );
+    // A deadline at its edge: looked at again shortly, never in a loop.
+    let edge = Facts {
+        since_scale_up: Some(LIMITS.target_ready),
+        ..not_ready
+    };
+    assert_eq!(decide_(&scaled_up, &edge), wait(MIN_LOOK));
 }
 
 #[test]

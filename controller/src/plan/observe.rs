@@ -20,34 +20,46 @@ where
 }
 
 /// The observed state for planning a Migration in `namespace`. ZFSVolumes are read only where
-/// their CRD is installed.
+/// their CRD is installed. The lists are read concurrently: this runs before the final
+/// snapshot, while the workload is down.
 pub async fn observe(
     client: &Client,
     namespace: &str,
     openebs_namespace: &str,
 ) -> Result<Observed, kube::Error> {
     let ns = |c: &Client| c.clone();
-    let zfs_volumes = match list(Api::<ZFSVolume>::namespaced(ns(client), openebs_namespace)).await
-    {
-        Ok(v) => v,
-        Err(kube::Error::Api(e)) if e.code == 404 => vec![],
-        Err(e) => return Err(e),
+    let zfs_volumes = async {
+        match list(Api::<ZFSVolume>::namespaced(ns(client), openebs_namespace)).await {
+            Ok(v) => Ok(v),
+            Err(kube::Error::Api(e)) if e.code == 404 => Ok(vec![]),
+            Err(e) => Err(e),
+        }
     };
+    let (zfs_volumes, deployments, statefulsets, services, claims, volumes, machines, migrations) =
+        tokio::try_join!(
+            zfs_volumes,
+            list(Api::<Deployment>::namespaced(ns(client), namespace)),
+            list(Api::<StatefulSet>::namespaced(ns(client), namespace)),
+            list(Api::<Service>::namespaced(ns(client), namespace)),
+            list(Api::<PersistentVolumeClaim>::namespaced(
+                ns(client),
+                namespace
+            )),
+            list(Api::<PersistentVolume>::all(ns(client))),
+            list(Api::<Machine>::all(ns(client))),
+            list(Api::<Migration>::namespaced(ns(client), namespace)),
+        )?;
     Ok(Observed {
         namespace: namespace.into(),
         openebs_namespace: openebs_namespace.into(),
-        deployments: list(Api::<Deployment>::namespaced(ns(client), namespace)).await?,
-        statefulsets: list(Api::<StatefulSet>::namespaced(ns(client), namespace)).await?,
-        services: list(Api::<Service>::namespaced(ns(client), namespace)).await?,
-        claims: list(Api::<PersistentVolumeClaim>::namespaced(
-            ns(client),
-            namespace,
-        ))
-        .await?,
-        volumes: list(Api::<PersistentVolume>::all(ns(client))).await?,
+        deployments,
+        statefulsets,
+        services,
+        claims,
+        volumes,
         zfs_volumes,
-        machines: list(Api::<Machine>::all(ns(client))).await?,
-        migrations: list(Api::<Migration>::namespaced(ns(client), namespace)).await?,
+        machines,
+        migrations,
         now: Some(Timestamp::now()),
     })
 }

@@ -302,12 +302,12 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             .await?;
             return Err(ServerError::Refused { peer, message });
         }
-        let _active = ActiveGuard {
+        let active = ActiveGuard {
             set: &self.active,
             dataset: dataset.clone(),
         };
         if hello.action != Action::Receive {
-            let state = self.target_state(&dataset).await?;
+            let (state, _) = self.target_state(&dataset).await?;
             let done = if state.exists {
                 self.change_role(&dataset, hello.action).await
             } else {
@@ -328,7 +328,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             info!(%peer, %dataset, action = ?hello.action, ok = done.is_ok(), "role change");
             return done.map(drop);
         }
-        let state = self.target_state(&dataset).await?;
+        let (state, found) = self.target_state(&dataset).await?;
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
         let offer: Offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
@@ -356,8 +356,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         };
         let reply = match &outcome {
             Ok(bytes) => {
-                self.after_receive(&dataset, &state, &hello).await;
-                self.mark_peer(&dataset, &to, &peer).await;
+                self.after_receive(&dataset, found.as_ref(), &hello).await;
                 info!(%peer, %dataset, snapshot = %to, bytes, "received");
                 Outcome::Received { bytes: *bytes }
             }
@@ -377,6 +376,12 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         };
         // The sender may be gone already (a cut link); the outcome is logged either way.
         let _ = write_frame(&mut conn, &reply).await;
+        // After the answer: the sender's next step (the promotion, after the final delta)
+        // need not wait for this best-effort mark, nor find the dataset still busy.
+        drop(active);
+        if outcome.is_ok() {
+            self.mark_peer(&dataset, &to, &peer).await;
+        }
         outcome.map(drop)
     }
 
@@ -391,7 +396,11 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
     }
 
-    async fn target_state(&self, dataset: &DatasetName) -> Result<TargetState, ServerError> {
+    /// What the sender needs to know of the target's copy, and the copy as inspected.
+    async fn target_state(
+        &self,
+        dataset: &DatasetName,
+    ) -> Result<(TargetState, Option<crate::zfs::Dataset>), ServerError> {
         let capabilities = self.info.capabilities;
         let mut found = self.inspect(dataset).await?;
         // A dataset with no snapshot, no ployz mark and no resume token may be a full receive
@@ -405,13 +414,13 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             tokio::time::sleep(Duration::from_millis(200)).await;
             found = self.inspect(dataset).await?;
         }
-        Ok(match found {
+        let state = match &found {
             Some(ds) => TargetState {
                 dataset: dataset.to_string(),
                 exists: true,
                 snapshots: ds.target_side().snapshots,
                 ployz_replica: ds.is_ployz_replica(),
-                resume_token: ds.resume_token,
+                resume_token: ds.resume_token.clone(),
                 capabilities,
                 available: Some(ds.available),
             },
@@ -430,7 +439,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                     .ok()
                     .map(|p| p.available),
             },
-        })
+        };
+        Ok((state, found))
     }
 
     /// Gets the target ready; returns whether the receive may roll it back. Decided here from
@@ -531,7 +541,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         action: Action,
     ) -> Result<Option<String>, ServerError> {
         let name = dataset.as_str();
-        self.contain(dataset).await?;
+        let mountpoint = self.contain(dataset).await?;
         if action == Action::Demote {
             self.zfs.set(name, PROP_REPLICA, "true").await?;
             self.zfs.set(name, "readonly", "on").await?;
@@ -552,11 +562,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => {}
             other => other?,
         }
-        let ds = self
-            .inspect(dataset)
-            .await?
-            .ok_or_else(|| ZfsError::NotFound(dataset.to_string()))?;
-        ds.mountpoint
+        // As `contain` read it: mounting does not change it.
+        mountpoint
             .filter(|m| m.starts_with('/'))
             .map(Some)
             .ok_or_else(|| {
@@ -571,7 +578,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     /// bits or device nodes, and it has no children. Whatever a stream managed to set is reset
     /// here (legacy ZFS cannot exclude properties on receive), then checked: a dataset that
     /// would mount outside the parent's mountpoint, or that has children, is not mounted.
-    async fn contain(&self, dataset: &DatasetName) -> Result<(), ServerError> {
+    /// Returns its mountpoint.
+    async fn contain(&self, dataset: &DatasetName) -> Result<Option<String>, ServerError> {
         // A replication stream, the only kind that carries properties, never gets this far
         // (transfer::begin); this undoes what one might have set all the same. One `zfs get`,
         // then a change only where needed: this runs during the cutover's downtime.
@@ -619,8 +627,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             .ok_or_else(|| ZfsError::NotFound(dataset.to_string()))?;
         match (&parent_mp, &ds.mountpoint) {
             // `none` or `legacy`: ZFS mounts it nowhere.
-            (_, m) if !m.as_deref().is_some_and(|m| m.starts_with('/')) => Ok(()),
-            (Some(p), Some(m)) if crate::plan::resolve::below(m, p) => Ok(()),
+            (_, m) if !m.as_deref().is_some_and(|m| m.starts_with('/')) => Ok(m.clone()),
+            (Some(p), Some(m)) if crate::plan::resolve::below(m, p) => Ok(Some(m.clone())),
             (p, m) => Err(uncontained(format!(
                 "its mountpoint {m:?} is not below {}'s mountpoint {p:?}",
                 self.config.parent
@@ -641,10 +649,27 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
     }
 
-    async fn after_receive(&self, dataset: &DatasetName, state: &TargetState, hello: &Hello) {
-        if state.exists && !state.ployz_replica {
+    /// `found`: the dataset as inspected before the receive, if it existed.
+    async fn after_receive(
+        &self,
+        dataset: &DatasetName,
+        found: Option<&crate::zfs::Dataset>,
+        hello: &Hello,
+    ) {
+        if found.is_some_and(|ds| !ds.is_ployz_replica()) {
             return;
         }
+        // A replica keeps its marks across incremental receives (a stream sets no property:
+        // transfer::begin), and each `zfs set` is tens of milliseconds of zfs-fuse, in the
+        // cutover's downtime for the final delta: set only what a replica does not have yet.
+        let marked = |prop: &str, value: &str| {
+            found.is_some_and(|ds| match prop {
+                "readonly" => ds.readonly == (value == "on"),
+                // Set with the other marks when the replica was first received.
+                "atime" => true,
+                _ => ds.user_props.get(prop).is_some_and(|v| v == value),
+            })
+        };
         let name = dataset.as_str();
         for (prop, value) in [
             (PROP_REPLICA, "true".to_string()),
@@ -652,6 +677,9 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             ("readonly", "on".to_string()),
             ("atime", "off".to_string()),
         ] {
+            if marked(prop, &value) {
+                continue;
+            }
             if let Err(e) = self.zfs.set(name, prop, &value).await {
                 warn!(%dataset, prop, error = %e, "cannot mark received dataset");
             }
