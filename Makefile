@@ -86,6 +86,7 @@ bench: deps bins images
 	@tests/env/install-deps.sh bench
 	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench transfer
 	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench downtime
+	$(ENV_DIRS) $(CARGO) bench -p ployz-e2e --locked --bench scale
 
 # Release binaries (the agent and ployzctl) and the agent image, built offline from them and
 # this machine's `zfs` userland (tests/images/build-agent-image.sh); prints the image's tar,

@@ -40,6 +40,8 @@ struct Sample {
     secs: Vec<f64>,
     /// CPU seconds this process spent (the engine's sender and receiver), per run.
     cpu: Vec<f64>,
+    /// CPU seconds the two zfs-fuse daemons spent, per run.
+    daemons: Vec<f64>,
 }
 
 impl Sample {
@@ -47,6 +49,15 @@ impl Sample {
         let mut s = self.secs.clone();
         s.sort_by(f64::total_cmp);
         s[s.len() / 2]
+    }
+    /// The median of `cpu` (seconds per run) per GiB moved.
+    fn per_gib(&self, cpu: &[f64]) -> f64 {
+        if cpu.is_empty() {
+            return 0.0;
+        }
+        let mut c = cpu.to_vec();
+        c.sort_by(f64::total_cmp);
+        c[c.len() / 2] / (self.size as f64 / (1u64 << 30) as f64)
     }
     fn mbps(&self) -> f64 {
         self.size as f64 / 1e6 / self.median()
@@ -93,6 +104,7 @@ fn bench(env: &Env) -> Result<String> {
     };
 
     let mut samples = vec![];
+    let mut profile = None;
     for (i, size) in [1u64 << 30, 2 << 30].into_iter().enumerate() {
         let volume = format!("bench-{i}");
         let ds = format!("tank/ployz/{volume}");
@@ -113,18 +125,21 @@ fn bench(env: &Env) -> Result<String> {
             method: "zfs send | zfs receive (local pipe)",
             secs: vec![],
             cpu: vec![],
+            daemons: vec![],
         };
         let mut engine = Sample {
             size,
             method: "ployz engine (mutual TLS, over the veth link)",
             secs: vec![],
             cpu: vec![],
+            daemons: vec![],
         };
         let mut ssh = Sample {
             size,
             method: "zfs send | ssh | zfs receive (over the veth link)",
             secs: vec![],
             cpu: vec![],
+            daemons: vec![],
         };
         // One uncounted run warms the caches (the data was just written).
         bench.clear_target(&ds)?;
@@ -133,9 +148,10 @@ fn bench(env: &Env) -> Result<String> {
         for run_no in 0..RUNS {
             for s in [&mut local, &mut engine, &mut ssh] {
                 bench.clear_target(&ds)?;
-                let cpu0 = self_cpu();
+                let (cpu0, daemons0) = (self_cpu(), daemons_cpu(env)?);
                 let t = bench.once(s.method, &ds, &volume)?;
                 s.cpu.push(self_cpu() - cpu0);
+                s.daemons.push(daemons_cpu(env)? - daemons0);
                 eprintln!(
                     "[bench] {} MiB run {} {}: {:.2}s ({:.0} MB/s)",
                     size / MIB,
@@ -152,10 +168,12 @@ fn bench(env: &Env) -> Result<String> {
         if i == 0 {
             samples.push(bench.incremental(&ds, &volume, &mp)?);
             bench.clear_target(&ds)?;
+            profile = bench.profile(&volume)?;
+            bench.clear_target(&ds)?;
         }
         env.block_on(machine_zfs(a).destroy_dataset(&ds.parse()?))?;
     }
-    let report = render(&samples)?;
+    let report = render(&samples, profile.as_deref())?;
     let path = env.root.join("docs/BENCHMARKS.md");
     ployz_e2e::report::write_section(&path, "transfer", &report)?;
     eprintln!("[bench] wrote the transfer section of {}", path.display());
@@ -229,6 +247,91 @@ impl Bench<'_> {
         Ok((report, progress.wire()))
     }
 
+    /// One more engine run of `ds@s1` under `perf record` (this process: the engine's sender
+    /// and receiver; zfs is in other processes): each category's share of the samples.
+    /// `None` when perf is not installed or not allowed here.
+    fn profile(&self, volume: &str) -> Result<Option<Vec<(&'static str, f64)>>> {
+        let data = self.env.logs.join("engine.perf.data");
+        // perf starts with its counters off and turns them on when told through its control
+        // FIFO, acknowledging on the other: sampling covers the send, not perf's own start.
+        let (ctl, ack) = (
+            self.env.logs.join("perf.ctl"),
+            self.env.logs.join("perf.ack"),
+        );
+        for fifo in [&ctl, &ack] {
+            let _ = std::fs::remove_file(fifo);
+            nix::unistd::mkfifo(fifo.as_path(), nix::sys::stat::Mode::S_IRWXU)?;
+        }
+        let perf = Command::new("perf")
+            .args(["record", "-F", "997", "--delay=-1", "-o"])
+            .arg(&data)
+            .arg(format!(
+                "--control=fifo:{},{}",
+                ctl.display(),
+                ack.display()
+            ))
+            .args(["-p", &std::process::id().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let Ok(mut perf) = perf else {
+            eprintln!("[bench] no perf: the engine is not profiled");
+            return Ok(None);
+        };
+        let enabled = (|| -> Result<String> {
+            use std::io::{Read as _, Write as _};
+            use std::os::unix::fs::OpenOptionsExt as _;
+            // The control FIFO opens for writing once perf holds it: perf is up. A perf that
+            // exits first (not allowed to trace here) never will.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut control = loop {
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(nix::libc::O_NONBLOCK)
+                    .open(&ctl)
+                {
+                    Ok(f) => break f,
+                    Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                if perf.try_wait()?.is_some() || Instant::now() > deadline {
+                    bail!("perf exited or did not open its control FIFO");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            control.write_all(b"enable\n")?;
+            let mut reply = [0u8; 16];
+            let n = std::fs::File::open(&ack)?.read(&mut reply)?;
+            Ok(String::from_utf8_lossy(&reply[..n]).into_owned())
+        })();
+        if !matches!(&enabled, Ok(r) if r.starts_with("ack")) {
+            let _ = perf.kill();
+            let _ = perf.wait();
+            eprintln!(
+                "[bench] perf did not start sampling ({enabled:?}): the engine is not profiled"
+            );
+            return Ok(None);
+        }
+        let sent = self.engine_send(volume, "s1");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(perf.id() as i32),
+            nix::sys::signal::Signal::SIGINT,
+        );
+        let _ = perf.wait();
+        sent?;
+        let out = Command::new("perf")
+            .args(["report", "--stdio", "--no-children", "--sort", "sym", "-i"])
+            .arg(&data)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let shares = categorize(&text);
+        if shares.is_empty() {
+            eprintln!("[bench] perf recorded nothing: the engine is not profiled");
+            return Ok(None);
+        }
+        Ok(Some(shares))
+    }
+
     /// Wire bytes for a 10 MiB delta on the 1 GiB dataset.
     fn incremental(&self, ds: &str, volume: &str, mp: &str) -> Result<Sample> {
         let a = self.env.machine("machine-a")?;
@@ -252,8 +355,115 @@ impl Bench<'_> {
             method: "incremental",
             secs: vec![secs, stream_bytes as f64],
             cpu: vec![],
+            daemons: vec![],
         })
     }
+}
+
+/// Where a profile's samples went, by kind of work: `perf report --sort sym` lines
+/// (`  12.34%  [k] copy_user_enhanced_fast_string`) grouped by their symbol's name.
+fn categorize(report: &str) -> Vec<(&'static str, f64)> {
+    const KINDS: [(&str, &[&str]); 6] = [
+        (
+            "TLS crypto (AES-GCM)",
+            &[
+                "aes",
+                "gcm",
+                "ghash",
+                "gfmul",
+                "clmul",
+                "aws_lc",
+                "ring_core",
+                "chacha",
+                "poly1305",
+            ],
+        ),
+        (
+            "copying bytes (user space and kernel)",
+            &[
+                "memcpy",
+                "memmove",
+                "copy_user",
+                "copy_to_user",
+                "copy_from_user",
+                "rep_mov",
+                "copy_page",
+                "_copy_",
+            ],
+        ),
+        (
+            "kernel TCP/IP and the veth link",
+            &[
+                "tcp", "ip_", "skb", "veth", "net_", "netif", "napi", "sock", "nf_", "__dev_",
+                "dev_", "inet", "csum", "sk_",
+            ],
+        ),
+        (
+            "pipes to and from zfs",
+            &["pipe", "splice", "vfs_", "fsnotify", "rw_verify"],
+        ),
+        (
+            "syscalls, wake-ups, scheduling",
+            &[
+                "syscall", "futex", "schedule", "epoll", "switch", "tokio", "wake", "entry_",
+                "do_", "__x64", "irq", "ret_from",
+            ],
+        ),
+        (
+            "memory management",
+            &["malloc", "free", "page", "alloc", "mem_cgroup", "kmem"],
+        ),
+    ];
+    let mut shares: Vec<(&'static str, f64)> = KINDS.iter().map(|(k, _)| (*k, 0.0)).collect();
+    let mut other = 0.0;
+    let mut total = 0.0;
+    for line in report.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        let mut f = line.split_whitespace();
+        let (Some(pct), Some(_), Some(sym)) = (f.next(), f.next(), f.next()) else {
+            continue;
+        };
+        let Some(pct) = pct.strip_suffix('%').and_then(|p| p.parse::<f64>().ok()) else {
+            continue;
+        };
+        total += pct;
+        let sym = sym.to_ascii_lowercase();
+        match KINDS
+            .iter()
+            .position(|(_, keys)| keys.iter().any(|k| sym.contains(k)))
+        {
+            Some(i) => shares[i].1 += pct,
+            None => other += pct,
+        }
+    }
+    if total == 0.0 {
+        return vec![];
+    }
+    shares.push(("other", other));
+    shares.iter().map(|(k, v)| (*k, v / total)).collect()
+}
+
+/// User + system CPU seconds of the two machines' zfs-fuse daemons so far, from
+/// /proc/PID/stat (utime and stime, in the kernel's fixed 100 ticks per second).
+fn daemons_cpu(env: &Env) -> Result<f64> {
+    let mut total = 0.0;
+    for name in ["machine-a", "machine-b"] {
+        let pid = env.machine(name)?.pid();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // The fields after the command name, which is in parentheses and may hold spaces.
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks = |i: usize| -> Result<f64> {
+            Ok(fields
+                .get(i)
+                .with_context(|| format!("/proc/{pid}/stat: field {i} missing"))?
+                .parse::<f64>()?)
+        };
+        // Fields 14 and 15 of stat(5); the first after the name is field 3.
+        total += (ticks(11)? + ticks(12)?) / 100.0;
+    }
+    Ok(total)
 }
 
 /// User + system CPU seconds of this process so far.
@@ -308,7 +518,7 @@ and the receiver's cost land on different hosts. The engine's own CPU cost per G
 reported above, so its overhead can be judged without that effect.\n\
 ";
 
-fn render(samples: &[Sample]) -> Result<String> {
+fn render(samples: &[Sample], profile: Option<&[(&'static str, f64)]>) -> Result<String> {
     let mut out = String::new();
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     writeln!(out, "## Transfer\n")?;
@@ -324,7 +534,7 @@ fn render(samples: &[Sample]) -> Result<String> {
     )?;
     writeln!(
         out,
-        "| size | method | median s | MB/s | ratio to local pipe |\n|---|---|---|---|---|"
+        "| size | method | median s | MB/s | ratio to local pipe | CPU s per GiB: zfs daemons | CPU s per GiB: engine |\n|---|---|---|---|---|---|---|"
     )?;
     let mut verdicts = vec![];
     for chunk in samples.chunks(1).filter(|c| c[0].method != "incremental") {
@@ -334,22 +544,45 @@ fn render(samples: &[Sample]) -> Result<String> {
             .find(|b| b.size == s.size && b.method.starts_with("zfs send | zfs receive"))
             .context("no baseline")?;
         let method = s.method.replace('|', "\\|");
+        let engine = s.method.starts_with("ployz");
         writeln!(
             out,
-            "| {} MiB | {method} | {:.2} | {:.0} | {:.2} |",
+            "| {} MiB | {method} | {:.2} | {:.0} | {:.2} | {:.2} | {} |",
             s.size / MIB,
             s.median(),
             s.mbps(),
-            s.mbps() / base.mbps()
+            s.mbps() / base.mbps(),
+            s.per_gib(&s.daemons),
+            if engine {
+                format!("{:.2}", s.per_gib(&s.cpu))
+            } else {
+                "-".into()
+            }
         )?;
-        if s.method.starts_with("ployz") {
-            let mut cpu = s.cpu.clone();
-            cpu.sort_by(f64::total_cmp);
-            let per_gib = cpu[cpu.len() / 2] / (s.size as f64 / (1u64 << 30) as f64);
+        if engine {
+            let per_gib = s.per_gib(&s.cpu);
             verdicts.push(format!(
-                "- {} MiB: the engine itself (sender and receiver together, TLS both ways) used {per_gib:.2} CPU s per GiB",
-                s.size / MIB
+                "- {} MiB: the engine itself (sender and receiver together, TLS both ways) used {per_gib:.2} CPU s per GiB (target < 1.0): {}",
+                s.size / MIB,
+                if per_gib < 1.0 { "met" } else { "NOT met" }
             ));
+            if per_gib >= 1.0 {
+                let share = |kind: &str| {
+                    profile
+                        .and_then(|p| p.iter().find(|(k, _)| k.starts_with(kind)))
+                        .map_or(0.0, |(_, v)| *v)
+                };
+                let ulp = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_ulp")
+                    .unwrap_or_default();
+                verdicts.push(format!(
+                    "  - what limits it: TLS in user space. Every byte crosses from zfs's pipe into the engine, into rustls's record buffer and into the socket, and back out on the receiving side: copies are {:.0}% of the profile ({:.2} CPU s per GiB), the kernel's TCP path {:.0}%, AES-GCM itself {:.0}%. What would change it: kernel TLS (the engine hands rustls's keys to the socket and splices zfs's pipe into it, so the bytes stay in the kernel); this host's kernel offers no TLS ULP (tcp_available_ulp: {})",
+                    share("copying") * 100.0,
+                    share("copying") * per_gib,
+                    share("kernel TCP") * 100.0,
+                    share("TLS crypto") * 100.0,
+                    if ulp.trim().is_empty() { "none" } else { ulp.trim() }
+                ));
+            }
             let ssh = samples
                 .iter()
                 .find(|x| x.size == s.size && x.method.contains("ssh"))
@@ -360,6 +593,17 @@ fn render(samples: &[Sample]) -> Result<String> {
                 s.size / MIB,
                 if r >= 0.9 { "met" } else { "NOT met" }
             ));
+            if r < 0.9 {
+                // What 0.9 of the local pipe's rate would take of this host's cores: the two
+                // daemons' and the engine's CPU per GiB, as measured in the engine's runs.
+                let rate = 0.9 * base.mbps() * 1e6 / (1u64 << 30) as f64;
+                let need = rate * (s.per_gib(&s.daemons) + per_gib);
+                let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+                verdicts.push(format!(
+                    "  - what limits it: at 0.9 of the local pipe ({rate:.2} GiB/s) the two zfs daemons and the engine would need {need:.2} CPUs, and this host has {cpus} for both machines{}",
+                    if need > cpus as f64 { "" } else { " (not CPU alone here: see the profile)" }
+                ));
+            }
             verdicts.push(format!(
                 "- {} MiB: engine {:.0} MB/s vs ssh {:.0} MB/s (target: faster than ssh): {}",
                 s.size / MIB,
@@ -396,6 +640,31 @@ fn render(samples: &[Sample]) -> Result<String> {
             over * 100.0,
             if over <= 0.02 { "met" } else { "NOT met" }
         ));
+    }
+    if let Some(profile) = profile {
+        let per_gib = samples
+            .iter()
+            .find(|s| s.method.starts_with("ployz") && s.size == 1024 * MIB)
+            .map(|s| {
+                let mut cpu = s.cpu.clone();
+                cpu.sort_by(f64::total_cmp);
+                cpu[cpu.len() / 2]
+            })
+            .unwrap_or_default();
+        writeln!(
+            out,
+            "\n### Where the engine's CPU goes\n\n`perf record` of this process (the engine's sender and receiver; `zfs` runs in\n\
+             other processes) during one more 1024 MiB send, its samples grouped by the symbol they hit:\n\n\
+             | work | share | CPU s per GiB |\n|---|---|---|"
+        )?;
+        for (kind, share) in profile {
+            writeln!(
+                out,
+                "| {kind} | {:.0}% | {:.2} |",
+                share * 100.0,
+                share * per_gib
+            )?;
+        }
     }
     writeln!(out, "\n### Targets\n\n{}", verdicts.join("\n"))?;
     out.push_str(READING);

@@ -3,7 +3,8 @@
 # test machines' ZFS), iproute2 (network namespaces), util-linux (unshare, nsenter),
 # containerd + runc + the CNI plugins (each test machine's container runtime; runc, not crun,
 # which fails on this host's hybrid cgroups), busybox-static and gcc (the locally built
-# images), iptables and conntrack (kubelet's host checks), and for the benchmark openssh.
+# images), iptables and conntrack (kubelet's host checks), and for the benchmark openssh (the
+# baseline) and perf (the engine's CPU profile).
 # Idempotent and quiet when everything is there.
 set -euo pipefail
 need=()
@@ -21,6 +22,7 @@ command -v gcc >/dev/null 2>&1 || need+=(gcc libc6-dev)
 if [ "${1:-}" = bench ]; then
   [ -x /usr/sbin/sshd ] || need+=(openssh-server)
   command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+  command -v perf >/dev/null 2>&1 || need+=(linux-perf)
 fi
 if [ ${#need[@]} -gt 0 ]; then
   echo "[install-deps] apt-get install ${need[*]}" >&2

@@ -253,10 +253,16 @@ pub async fn sending_migration(
 
 /// A binary of the workspace, built (a no-op when fresh) by the cargo that runs the tests.
 pub fn workspace_binary(root: &Path, package: &str, bin: &str) -> Result<PathBuf> {
-    build_binary(root, package, bin, &[])
+    build_binary(root, package, bin, &[], false)
 }
 
-fn build_binary(root: &Path, package: &str, bin: &str, features: &[&str]) -> Result<PathBuf> {
+fn build_binary(
+    root: &Path,
+    package: &str,
+    bin: &str,
+    features: &[&str],
+    release: bool,
+) -> Result<PathBuf> {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build
@@ -265,16 +271,26 @@ fn build_binary(root: &Path, package: &str, bin: &str, features: &[&str]) -> Res
     if !features.is_empty() {
         build.args(["--features", &features.join(",")]);
     }
+    if release {
+        build.arg("--release");
+    }
     crate::process::run(&mut build)?;
     let target =
         std::env::var("CARGO_TARGET_DIR").map_or_else(|_| root.join("target"), PathBuf::from);
-    Ok(target.join("debug").join(bin))
+    let profile = if release { "release" } else { "debug" };
+    Ok(target.join(profile).join(bin))
+}
+
+/// The agent as the image ships it (release build, no crash points), for the benchmarks that
+/// measure its memory.
+pub fn release_agent_binary(root: &Path) -> Result<PathBuf> {
+    build_binary(root, "ployz", "ployz-controller", &[], true)
 }
 
 /// The agent binary, `ployz-controller`, with the crash points of the fault tests compiled
 /// in (inert unless FAILPOINTS names one).
 pub fn agent_binary(root: &Path) -> Result<PathBuf> {
-    build_binary(root, "ployz", "ployz-controller", &["failpoints"])
+    build_binary(root, "ployz", "ployz-controller", &["failpoints"], false)
 }
 
 /// Transfer port of every agent.
@@ -393,7 +409,7 @@ pub fn install_chart(env: &Env, values: &[&str]) -> Result<()> {
     let bin = agent_binary(&env.root)?;
     // The image carries the guard beside the agent (built with the same features, so the
     // library is compiled once).
-    build_binary(&env.root, "ployz", "ployz-guard", &["failpoints"])?;
+    build_binary(&env.root, "ployz", "ployz-guard", &["failpoints"], false)?;
     let image = crate::process::run(
         std::process::Command::new(env.root.join("tests/images/build-agent-image.sh"))
             .arg(&bin)

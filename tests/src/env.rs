@@ -300,30 +300,8 @@ impl Env {
 
     /// One kwok-managed node per machine.
     async fn create_kwok_nodes(&self) -> Result<()> {
-        let nodes: Api<Node> = Api::all(self.client.clone());
         for m in &self.machines {
-            let node: Node = serde_json::from_value(serde_json::json!({
-                "apiVersion": "v1",
-                "kind": "Node",
-                "metadata": {
-                    "name": m.name,
-                    "annotations": {"kwok.x-k8s.io/node": "fake"},
-                    "labels": {
-                        "kubernetes.io/hostname": m.name,
-                        "kubernetes.io/os": "linux",
-                        "kubernetes.io/arch": "amd64",
-                        // The topology key OpenEBS zfs-localpv pins its volumes with.
-                        "openebs.io/nodeid": m.zfs_node_id(),
-                        "type": "kwok",
-                    },
-                },
-                "status": {
-                    "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
-                    "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
-                    "addresses": [{"type": "InternalIP", "address": m.ip().to_string()}],
-                },
-            }))?;
-            nodes.create(&PostParams::default(), &node).await?;
+            create_kwok_node(&self.client, &m.name, m.ip(), &m.zfs_node_id()).await?;
         }
         Ok(())
     }
@@ -396,6 +374,39 @@ impl std::fmt::Debug for Env {
             .field("logs", &self.logs)
             .finish_non_exhaustive()
     }
+}
+
+/// A node `name` at `ip` that kwok plays (its pods turn Ready, no container runs); `zfs_node_id`
+/// is the topology value OpenEBS zfs-localpv pins its volumes with.
+pub async fn create_kwok_node(
+    client: &Client,
+    name: &str,
+    ip: Ipv4Addr,
+    zfs_node_id: &str,
+) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let node: Node = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": name,
+            "annotations": {"kwok.x-k8s.io/node": "fake"},
+            "labels": {
+                "kubernetes.io/hostname": name,
+                "kubernetes.io/os": "linux",
+                "kubernetes.io/arch": "amd64",
+                "openebs.io/nodeid": zfs_node_id,
+                "type": "kwok",
+            },
+        },
+        "status": {
+            "allocatable": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+            "capacity": {"cpu": "16", "memory": "64Gi", "pods": "110"},
+            "addresses": [{"type": "InternalIP", "address": ip.to_string()}],
+        },
+    }))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    Ok(())
 }
 
 pub fn node_ready(node: &Node) -> bool {

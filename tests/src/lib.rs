@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod controlplane;
 pub mod env;
+pub mod fakezfs;
 pub mod k8s;
 pub mod ledger;
 pub mod machine;
