@@ -544,12 +544,13 @@ fn met(ok: bool) -> &'static str {
     if ok { "met" } else { "NOT met" }
 }
 
-/// Requests that keep an agent alive whatever it does: its Machine's registration and
-/// heartbeat (reading a peer's Machine is part of a Migration's cost).
+/// Requests that keep an agent alive whatever it does: the writes of its Machine's
+/// registration and heartbeat (reading Machines, to plan or to reach a peer, is part of a
+/// Migration's cost).
 fn housekeeping(l: &BTreeMap<String, String>) -> bool {
     let resource = l.get("resource").map(String::as_str).unwrap_or_default();
     let verb = l.get("verb").map(String::as_str).unwrap_or_default();
-    resource.starts_with("machines") && verb != "get"
+    resource.starts_with("machines") && !matches!(verb, "get" | "list")
 }
 
 fn render(
@@ -770,6 +771,21 @@ fn render(
         quiet_per_migration / REQUEST_BUDGET,
         met(quiet_per_migration <= REQUEST_BUDGET)
     );
+    if quiet_per_migration > REQUEST_BUDGET {
+        let alone = |verb: &str, resource: &str| {
+            quiet
+                .by_kind
+                .get(&(verb.to_string(), resource.to_string()))
+                .map_or(0.0, |v| v / Quiet::MOVES as f64)
+        };
+        let _ = writeln!(
+            o,
+            "  - what limits it: every reconcile of the source reads the workload ({:.1} reads alone) and every effect first reads the Migration live ({:.1}); each connection to the target and each effect that names a machine reads Machines ({:.1}). What would change it: a watch of the migrating workload, opened for the Migration as the step watches are, so that waiting reconciles decide from it and only effects read live",
+            alone("get", "deployments"),
+            alone("get", "migrations"),
+            alone("get", "machines")
+        );
+    }
     let _ = writeln!(
         o,
         "  - in the waves {per_migration:.1} per Migration ({:.2} of the budget), in flight {:.0}x as long as alone: the difference is the looks and progress writes of the time it waits on the cluster",
