@@ -3,7 +3,7 @@
 //! A cached Migration may lag behind the API (a watch that reconnects late after an API-server
 //! restart), and a stale status must never drive an effect. Reading it live at every reconcile
 //! guarantees that, at the price of one request per reconcile: every status write wakes both
-//! of its agents, and a waiting step looks again every second. Instead:
+//! of its agents, and a waiting step looks again every few seconds. Instead:
 //!
 //! - the version this agent last read live or wrote itself is remembered ([`Fresh::saw`]);
 //!   a cached object at exactly that version, remembered less than [`MAX_AGE`] ago, is what
