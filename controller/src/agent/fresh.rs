@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
+use super::lock;
 use crate::api::Migration;
 
 /// How long a version read live (or written) vouches for the cache.
@@ -45,17 +46,29 @@ pub enum Read {
     Cached,
 }
 
-/// Per Migration (UID): the version this agent last read live or wrote, and when; `None`
-/// after a conflict or once the Migration is gone, until it is read live again.
+/// Most Migrations are deleted without a last reconcile here to forget them: an entry not
+/// refreshed for this long is dropped when a new Migration is first seen.
+const FORGET_AFTER: Duration = Duration::from_secs(3600);
+
+/// Per Migration (UID): the version this agent last read live or wrote (`None` after a
+/// conflict, until it is read live again), and when.
 #[derive(Debug, Default)]
-pub struct Fresh(Mutex<HashMap<String, Option<(String, Instant)>>>);
+pub struct Fresh(Mutex<HashMap<String, (Option<String>, Instant)>>);
 
 impl Fresh {
     /// `m` is what the API has now (just read, or just written by this agent).
     pub fn saw(&self, m: &Migration) {
         if let (Some(uid), Some(rv)) = (m.uid(), m.resource_version()) {
-            lock(&self.0).insert(uid, Some((rv, Instant::now())));
+            self.remember(uid, Some(rv));
         }
+    }
+
+    fn remember(&self, uid: String, version: Option<String>) {
+        let mut map = lock(&self.0);
+        if !map.contains_key(&uid) {
+            map.retain(|_, (_, at)| at.elapsed() < FORGET_AFTER);
+        }
+        map.insert(uid, (version, Instant::now()));
     }
 
     /// Whether a reconcile that only waits (or writes on the condition of the version it
@@ -65,7 +78,7 @@ impl Fresh {
         let Some(uid) = m.uid() else {
             return false;
         };
-        !matches!(lock(&self.0).get(&uid), Some(None))
+        !matches!(lock(&self.0).get(&uid), Some((None, _)))
     }
 
     /// Whether the cached `m` is at the version this agent last saw live, recently.
@@ -75,13 +88,12 @@ impl Fresh {
         };
         lock(&self.0)
             .get(&uid)
-            .and_then(Option::as_ref)
-            .is_some_and(|(seen, at)| *seen == rv && at.elapsed() < MAX_AGE)
+            .is_some_and(|(seen, at)| seen.as_ref() == Some(&rv) && at.elapsed() < MAX_AGE)
     }
 
     /// The next reconcile of `uid` reads live (a conflict).
     pub fn forget(&self, uid: &str) {
-        lock(&self.0).insert(uid.to_string(), None);
+        self.remember(uid.to_string(), None);
     }
 
     /// `uid` is gone: nothing to remember.
@@ -134,10 +146,6 @@ impl<V: Clone> Recent<V> {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,6 +192,21 @@ mod tests {
         assert!(fresh.may_wait_on(&v1));
         assert!(!fresh.current(&migration("other", "2")));
         assert!(fresh.may_wait_on(&migration("other", "2")));
+    }
+
+    #[test]
+    fn old_entries_go_when_a_new_migration_comes() {
+        let fresh = Fresh::default();
+        fresh.saw(&migration("old", "1"));
+        fresh.saw(&migration("recent", "1"));
+        lock(&fresh.0).insert(
+            "old".into(),
+            (Some("1".into()), Instant::now() - FORGET_AFTER),
+        );
+        fresh.saw(&migration("new", "1"));
+        let map = lock(&fresh.0);
+        assert!(!map.contains_key("old"));
+        assert!(map.contains_key("recent") && map.contains_key("new"));
     }
 
     #[test]

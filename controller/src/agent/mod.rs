@@ -341,6 +341,12 @@ async fn counted_client(metrics: Arc<metrics::Metrics>) -> Result<Client> {
         .build())
 }
 
+/// A mutex's guard, also after a panic elsewhere poisoned it: what it guards here (memos,
+/// open watches) stays valid whatever the panicking holder was doing.
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// The Migration as the API has it now (remembered as seen), or `None` once it is gone.
 pub async fn live(ctx: &Ctx, m: &Migration) -> Result<Option<Arc<Migration>>, Error> {
     match status::api(ctx, m).get_opt(&m.name_any()).await? {

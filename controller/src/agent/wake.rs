@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use super::lock;
 use super::metrics::WatchLabel;
 use crate::api::Migration;
 
@@ -181,10 +182,6 @@ pub fn objects<K>(event: &watcher::Event<K>) -> impl Iterator<Item = &K> {
         watcher::Event::Init | watcher::Event::InitDone => None,
     }
     .into_iter()
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 #[cfg(test)]
