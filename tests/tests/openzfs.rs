@@ -140,6 +140,7 @@ impl Authorizer for AllowAll {
                 reason: ployz::transfer::protocol::RefusalReason::OutsideParent,
                 message: e.to_string(),
             })?,
+            claim: format!("{}/{}", hello.migration.namespace, hello.claim),
         })
     }
 }
@@ -526,6 +527,7 @@ fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
     let promoted = g.rt.block_on(g.server.change_role(
         &ds("dst/ployz/crafted")?,
         ployz::transfer::protocol::Action::Promote,
+        "conformance/crafted",
     ))?;
     ensure!(
         promoted.as_deref() == Some("/dst/ployz/crafted"),

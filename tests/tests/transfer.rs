@@ -56,6 +56,10 @@ fn main() -> ExitCode {
             ),
             ("diverged_ployz_replica_is_rolled_back", replica_rolled_back),
             (
+                "replica_of_another_claim_is_refused_and_kept",
+                replica_of_another_claim_refused,
+            ),
+            (
                 "target_without_common_snapshot_is_refused_and_kept",
                 no_common_snapshot,
             ),
@@ -494,6 +498,57 @@ fn replica_rolled_back(env: &mut Env) -> Result<()> {
         "replica not brought to the source's snapshots:\n source {want:?}\n target {got:?}"
     );
     Ok(())
+}
+
+/// A replica stamped with another claim (a PV deleted and its name reused by another claim,
+/// or a stamp forged on the dataset) takes no stream and changes no role, though it is a
+/// ployz replica holding the stream's base: a receive would have rolled it back.
+fn replica_of_another_claim_refused(env: &mut Env) -> Result<()> {
+    let ds = "tank/ployz/xfer-data";
+    let b = env.machine("machine-b")?;
+    let own = b.zfs(&["get", "-H", "-o", "value", "ployz:claim", ds])?;
+    ensure!(
+        own.trim() == format!("{NS}/{DATA}"),
+        "the receive did not stamp its claim: {own:?}"
+    );
+    b.zfs(&["set", "ployz:claim=victim/data", ds])?;
+    b.zfs(&["snapshot", &format!("{ds}@victim")])?;
+    let before = guids(b, ds)?;
+    let a = env.machine("machine-a")?;
+    write_data(a, "/tank/ployz/xfer-data", "echo s7 > s7")?;
+    a.zfs(&["snapshot", &format!("{ds}@s7")])?;
+    let r = send(env, &job("m-data", DATA, "xfer-data", "s7")?)?;
+    ensure!(
+        refused(&r) == Some(RefusalReason::NotThisVolume),
+        "expected NotThisVolume, got {r:?}"
+    );
+    let message = r.err().map(|e| e.to_string()).unwrap_or_default();
+    ensure!(
+        message.contains("holds the volume of claim victim/data, not of claim xfer/data"),
+        "{message}"
+    );
+    let ag = agents(env)?;
+    let promoted = env.block_on(ag.receiver.server.change_role(
+        &ds.parse()?,
+        Action::Promote,
+        &format!("{NS}/{DATA}"),
+    ));
+    ensure!(
+        promoted
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("victim/data")),
+        "promoted another claim's replica: {promoted:?}"
+    );
+    let b = env.machine("machine-b")?;
+    ensure!(guids(b, ds)? == before, "the replica changed");
+    ensure!(
+        b.zfs(&["get", "-H", "-o", "value", "readonly,ployz:replica", ds])? == "on\ntrue\n",
+        "the replica's role changed"
+    );
+    // Back to the suite's state: machine-b's replica of xfer/data at s6.
+    b.zfs(&["destroy", &format!("{ds}@victim")])?;
+    b.zfs(&["set", &format!("ployz:claim={NS}/{DATA}"), ds])
+        .map(drop)
 }
 
 fn no_common_snapshot(env: &mut Env) -> Result<()> {
@@ -1142,7 +1197,11 @@ fn crafted_streams_mount_only_below_the_parent(env: &mut Env) -> Result<()> {
             received.replace('\n', " ")
         );
         let ds: ployz::zfs::DatasetName = dataset.parse()?;
-        let promoted = env.block_on(ag.receiver.server.change_role(&ds, Action::Promote));
+        let promoted = env.block_on(ag.receiver.server.change_role(
+            &ds,
+            Action::Promote,
+            &format!("{NS}/{name}"),
+        ));
         let children = b.zfs(&["list", "-H", "-r", "-o", "name", &dataset])?;
         ensure!(
             (flag == "-R") == (children.lines().count() > 1),

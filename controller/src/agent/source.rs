@@ -41,7 +41,9 @@ use crate::transfer::protocol::{
     Action as PeerAction, MigrationKey, RefusalReason, WireCompression,
 };
 use crate::transfer::tls::Pin;
-use crate::zfs::{DatasetName, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, Zfs, ZfsError};
+use crate::zfs::{
+    DatasetName, PROP_CLAIM, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, Zfs, ZfsError,
+};
 
 /// Longest wait for a TCP connection to a peer agent.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -1277,7 +1279,7 @@ async fn role_change(
             Some(v) => match crate::transfer::authz::volume_dataset(&ctx.parent, &v.volume) {
                 Ok(ds) if ds.as_str() == v.target_dataset => ctx
                     .server
-                    .change_role(&ds, action)
+                    .change_role(&ds, action, &claim_key(m, claim))
                     .await
                     .map_err(|e| e.to_string()),
                 Ok(ds) => Err(format!(
@@ -1367,7 +1369,7 @@ async fn retire_source(
             )));
         }
         match copy {
-            SourceCopy::Replica => mark_replica(ctx, &ds, &key(m)).await?,
+            SourceCopy::Replica => mark_replica(ctx, &ds, &key(m), &claim_key(m, &v.claim)).await?,
             SourceCopy::Delete => {
                 let children: Vec<String> = inv
                     .datasets
@@ -1404,9 +1406,15 @@ async fn retire_source(
     Ok(())
 }
 
-async fn mark_replica(ctx: &Ctx, ds: &DatasetName, tag: &str) -> Result<(), ZfsError> {
+/// `namespace/claim`, as `ployz:claim` records whose volume a dataset holds.
+fn claim_key(m: &Migration, claim: &str) -> String {
+    format!("{}/{claim}", m.namespace().unwrap_or_default())
+}
+
+async fn mark_replica(ctx: &Ctx, ds: &DatasetName, tag: &str, claim: &str) -> Result<(), ZfsError> {
     ctx.zfs.set(ds.as_str(), PROP_REPLICA, "true").await?;
     ctx.zfs.set(ds.as_str(), PROP_MIGRATION, tag).await?;
+    ctx.zfs.set(ds.as_str(), PROP_CLAIM, claim).await?;
     ctx.zfs.set(ds.as_str(), "readonly", "on").await?;
     // zfs-fuse applies readonly only at mount time; the workload is gone, so remount.
     if let Err(e) = ctx.zfs.unmount(ds).await {

@@ -202,6 +202,23 @@ fn refuses_bad_requests_with_a_reason() {
 }
 
 #[test]
+fn a_name_shared_by_a_deployment_and_a_statefulset_is_ambiguous() {
+    let mut obs = observed();
+    obs.statefulsets = vec![de(json!({"metadata": {"name": "web"}, "spec": {
+        "serviceName": "web", "selector": {"matchLabels": {"app": "db"}},
+        "template": {"metadata": {"labels": {"app": "db"}}, "spec": {"containers": [{"name": "c"}]}}}}))];
+    let e = plan(&obs, &migration("m", "web", "b", None)).err();
+    assert_eq!(
+        e.as_ref().map(|e| e.reason),
+        Some(Reason::AmbiguousWorkload)
+    );
+    assert!(
+        e.is_some_and(|e| e.to_string().contains("rename one of them")),
+        "the message names the fix"
+    );
+}
+
+#[test]
 fn one_active_migration_per_workload() {
     let mut obs = observed();
     let mut first = migration("first", "web", "b", None);

@@ -21,6 +21,9 @@ use crate::zfs::DatasetName;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
     pub dataset: DatasetName,
+    /// The claim (`namespace/name`) whose volume it is: an existing dataset must hold that
+    /// claim's volume (`Dataset::holds_claim`).
+    pub claim: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -164,7 +167,10 @@ pub fn decide(
             ),
         ));
     }
-    Ok(Grant { dataset })
+    Ok(Grant {
+        dataset,
+        claim: format!("{}/{}", key.namespace, hello.claim),
+    })
 }
 
 /// The live binding behind a granted volume: PV `volume` is bound to claim `namespace/claim`

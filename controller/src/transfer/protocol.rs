@@ -71,6 +71,8 @@ pub enum RefusalReason {
     NotSending,
     UnknownVolume,
     OutsideParent,
+    /// The dataset on this machine holds another claim's volume (its `ployz:claim`).
+    NotThisVolume,
     /// The sender's machine holds all of its connection slots; retried.
     Busy,
     Internal,

@@ -26,8 +26,8 @@ use super::pump::{PumpError, PumpOptions, recv_chunks};
 use super::tls::{self, TlsError};
 use crate::api::{ZfsImplementation, ZfsInfo};
 use crate::zfs::{
-    DatasetName, NEUTRAL, NOT_RECEIVED, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA, ReceiveArgs, Zfs,
-    ZfsError,
+    DatasetName, NEUTRAL, NOT_RECEIVED, PROP_CLAIM, PROP_MIGRATION, PROP_PEERS, PROP_REPLICA,
+    PROP_SOURCE, ReceiveArgs, Zfs, ZfsError,
 };
 
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
@@ -68,6 +68,8 @@ pub enum ServerError {
     Refused { peer: String, message: String },
     #[error("a client claiming to be {claimed} was refused: {message}")]
     Stranger { claimed: String, message: String },
+    #[error("{0}")]
+    NotThisVolume(String),
     #[error(transparent)]
     Zfs(#[from] ZfsError),
     #[error("stream: {0}")]
@@ -270,7 +272,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 .await
                 .map_err(|r| (r.reason, r.message))
         };
-        let Grant { dataset } = match grant {
+        let Grant { dataset, claim } = match grant {
             Ok(g) => g,
             Err((reason, message)) => {
                 write_frame(
@@ -307,11 +309,10 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             dataset: dataset.clone(),
         };
         if hello.action != Action::Receive {
-            let (state, _) = self.target_state(&dataset).await?;
-            let done = if state.exists {
-                self.change_role(&dataset, hello.action).await
-            } else {
-                Err(ZfsError::NotFound(dataset.to_string()).into())
+            let (state, found) = self.target_state(&dataset).await?;
+            let done = match &found {
+                Some(ds) => self.change_role_of(ds, hello.action, &claim).await,
+                None => Err(ZfsError::NotFound(dataset.to_string()).into()),
             };
             write_frame(&mut conn, &HelloReply::Accepted(state)).await?;
             let reply = match &done {
@@ -329,6 +330,17 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             return done.map(drop);
         }
         let (state, found) = self.target_state(&dataset).await?;
+        if let Some(Err(message)) = found.as_ref().map(|ds| ds.holds_claim(&claim)) {
+            write_frame(
+                &mut conn,
+                &HelloReply::Refused {
+                    reason: RefusalReason::NotThisVolume,
+                    message: message.clone(),
+                },
+            )
+            .await?;
+            return Err(ServerError::Refused { peer, message });
+        }
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
         let offer: Offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
@@ -356,7 +368,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         };
         let reply = match &outcome {
             Ok(bytes) => {
-                self.after_receive(&dataset, found.as_ref(), &hello).await;
+                self.after_receive(&dataset, found.as_ref(), &hello, &claim, &peer)
+                    .await;
                 info!(%peer, %dataset, snapshot = %to, bytes, "received");
                 Outcome::Received { bytes: *bytes }
             }
@@ -534,12 +547,32 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
     /// Promote: the copy becomes the live volume (writable, no longer a ployz replica,
     /// mounted); returns its mountpoint. Demote: back to a read-only ployz replica. Both are
     /// idempotent. Also called directly by this machine's agent when it drives a Migration
-    /// whose source is gone.
+    /// whose source is gone. `claim` (`namespace/name`): only a dataset holding that claim's
+    /// volume changes role.
     pub async fn change_role(
         &self,
         dataset: &DatasetName,
         action: Action,
+        claim: &str,
     ) -> Result<Option<String>, ServerError> {
+        let found = self
+            .inspect(dataset)
+            .await?
+            .ok_or_else(|| ZfsError::NotFound(dataset.to_string()))?;
+        self.change_role_of(&found, action, claim).await
+    }
+
+    /// [`Server::change_role`] of a dataset as just inspected.
+    async fn change_role_of(
+        &self,
+        found: &crate::zfs::Dataset,
+        action: Action,
+        claim: &str,
+    ) -> Result<Option<String>, ServerError> {
+        found
+            .holds_claim(claim)
+            .map_err(ServerError::NotThisVolume)?;
+        let dataset = &found.name;
         let name = dataset.as_str();
         let mountpoint = self.contain(dataset).await?;
         if action == Action::Demote {
@@ -655,6 +688,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         dataset: &DatasetName,
         found: Option<&crate::zfs::Dataset>,
         hello: &Hello,
+        claim: &str,
+        peer: &str,
     ) {
         if found.is_some_and(|ds| !ds.is_ployz_replica()) {
             return;
@@ -674,6 +709,8 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         for (prop, value) in [
             (PROP_REPLICA, "true".to_string()),
             (PROP_MIGRATION, hello.migration.to_string()),
+            (PROP_CLAIM, claim.to_string()),
+            (PROP_SOURCE, peer.to_string()),
             ("readonly", "on".to_string()),
             ("atime", "off".to_string()),
         ] {

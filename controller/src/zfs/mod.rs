@@ -29,6 +29,13 @@ pub const PROP_REPLICA: &str = "ployz:replica";
 /// User property on a snapshot: the other machines known to hold it (comma-separated),
 /// written when it is sent or received; retention keeps the newest one per machine.
 pub const PROP_PEERS: &str = "ployz:peers";
+/// User property on a ployz dataset (a replica, or a copy it promoted): the claim
+/// (`namespace/name`) whose volume it holds. A receive or role change for another claim is
+/// refused, so a replica left behind by a deleted PV never takes another claim's stream.
+pub const PROP_CLAIM: &str = "ployz:claim";
+/// User property on a replica: the machine its last stream came from. For people reading the
+/// pool; not checked, since a volume may come back from any machine that holds its lineage.
+pub const PROP_SOURCE: &str = "ployz:source";
 /// Hold tag that protects the base snapshot of an incremental while it is needed.
 pub const HOLD_TAG: &str = "ployz";
 
@@ -79,6 +86,28 @@ impl Dataset {
         self.user_props
             .get(PROP_REPLICA)
             .is_some_and(|v| v == "true")
+    }
+
+    /// Whether this dataset may hold the volume of claim `owner` (`namespace/name`): one that
+    /// ployz marked holds only its own claim's volume (replicas made before `ployz:claim`
+    /// existed: their Migration's namespace). A dataset ployz never marked is not refused
+    /// here: ZFS's own rules protect it (ployz never rolls it back nor forces a receive).
+    pub fn holds_claim(&self, owner: &str) -> Result<(), String> {
+        let namespace = |key: &str| key.split_once('/').map(|(ns, _)| ns.to_string());
+        let holder = match (
+            self.user_props.get(PROP_CLAIM),
+            self.user_props.get(PROP_MIGRATION),
+        ) {
+            (Some(claim), _) if claim == owner => return Ok(()),
+            (Some(claim), _) => format!("claim {claim}"),
+            (None, Some(m)) if namespace(m) == namespace(owner) => return Ok(()),
+            (None, Some(m)) => format!("Migration {m} of another namespace"),
+            (None, None) => return Ok(()),
+        };
+        Err(format!(
+            "{} holds the volume of {holder}, not of claim {owner}; ployz will not write into it. If its data is no longer needed, destroy it on that machine (zfs destroy -r {}) and retry, or move to another machine",
+            self.name, self.name
+        ))
     }
 
     /// The dataset as base selection sees it, as a source.
@@ -438,5 +467,46 @@ mod tests {
             "-u -s -x mountpoint -x canmount -x sharenfs -x sharesmb -o setuid=off -o devices=off \
              -o reservation=none -o refreservation=none -o quota=none -o refquota=none tank/ployz/v"
         );
+    }
+
+    fn dataset(props: &[(&str, &str)]) -> Dataset {
+        Dataset {
+            name: "tank/ployz/pv-1".parse().unwrap_or_else(|e| panic!("{e}")),
+            guid: 1,
+            createtxg: 1,
+            used: 0,
+            referenced: 0,
+            available: 0,
+            mountpoint: None,
+            readonly: true,
+            resume_token: None,
+            encrypted: false,
+            user_props: props
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            snapshots: vec![],
+            bookmarks: vec![],
+        }
+    }
+
+    #[test]
+    fn a_ployz_dataset_takes_only_its_own_claim_s_volume() {
+        let marked = dataset(&[(PROP_REPLICA, "true"), (PROP_CLAIM, "shop/data")]);
+        assert_eq!(marked.holds_claim("shop/data"), Ok(()));
+        let e = marked.holds_claim("tenant/data").err().unwrap_or_default();
+        assert!(
+            e.contains("holds the volume of claim shop/data, not of claim tenant/data"),
+            "{e}"
+        );
+        assert!(e.contains("zfs destroy -r tank/ployz/pv-1"), "{e}");
+        assert!(marked.holds_claim("shop/other").is_err());
+        // A replica from before `ployz:claim`: its Migration's namespace.
+        let older = dataset(&[(PROP_REPLICA, "true"), (PROP_MIGRATION, "shop/m1")]);
+        assert_eq!(older.holds_claim("shop/data"), Ok(()));
+        let e = older.holds_claim("tenant/data").err().unwrap_or_default();
+        assert!(e.contains("Migration shop/m1 of another namespace"), "{e}");
+        // Not ployz's: left to ZFS's own rules (no rollback, no forced receive).
+        assert_eq!(dataset(&[]).holds_claim("tenant/data"), Ok(()));
     }
 }

@@ -26,6 +26,8 @@ pub const PLOYZ_PROPS: &[&str] = &[
     super::PROP_MIGRATION,
     super::PROP_REPLICA,
     super::PROP_PEERS,
+    super::PROP_CLAIM,
+    super::PROP_SOURCE,
 ];
 
 fn parse_err(command: &str, detail: impl Into<String>) -> ZfsError {
