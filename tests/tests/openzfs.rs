@@ -19,7 +19,7 @@ use ployz::transfer::protocol::{Hello, MigrationKey, WireCompression};
 use ployz::transfer::server::{Server, ServerConfig};
 use ployz::transfer::tls::Pin;
 use ployz::zfs::base::BaseError;
-use ployz::zfs::{DatasetName, SendArgs, Zfs, ZfsCli};
+use ployz::zfs::{DatasetName, ReceiveArgs, SendArgs, Zfs, ZfsCli};
 use ployz_e2e::agents::identity;
 use ployz_e2e::process::run;
 use ployz_e2e::wait::wait_for;
@@ -31,7 +31,10 @@ const TESTS: &[(&str, Test)] = &[
     ("inventory_is_exact", inventory_exact),
     ("size_estimates_feed_the_plan", estimates),
     ("bookmark_serves_as_incremental_base", bookmark_base),
-    ("cut_transfer_resumes_from_the_token", resume_after_cut),
+    (
+        "cut_transfer_resumes_from_the_token_then_sends_later_snapshots",
+        resume_after_cut,
+    ),
     ("compressed_send_keeps_blocks_compressed", compressed_send),
     ("encrypted_dataset_is_sent_raw_without_the_key", raw_send),
     (
@@ -412,6 +415,13 @@ fn resume_after_cut(g: &Guest) -> Result<()> {
         "the token decodes as {decoded:?}"
     );
     job.rate_limit = None;
+    // Two more snapshots meanwhile: the retry resumes s1's stream, then sends s2 and s3 one
+    // stream each on the same connection.
+    sh(
+        "head -c 256K /dev/urandom > /src/cut/more2 && zfs snapshot src/cut@s2 \
+        && head -c 256K /dev/urandom > /src/cut/more3 && zfs snapshot src/cut@s3",
+    )?;
+    job.to = "s3".into();
     let again = Progress::default();
     // As the agent does: the receiver may still be closing the cut receive, so retry.
     let retried = g.rt.block_on(g.sender.send_with_retry(
@@ -436,7 +446,12 @@ fn resume_after_cut(g: &Guest) -> Result<()> {
         "resumed send carried {bytes} bytes ({before_cut} had been read before the cut); a restart carries {whole}"
     );
     eprintln!("    cut after {before_cut} bytes read; resumed with {bytes} of {whole}");
-    ensure!(guid("dst/ployz/cut@s1")? == guid("src/cut@s1")?);
+    for snap in ["s1", "s2", "s3"] {
+        ensure!(
+            guid(&format!("dst/ployz/cut@{snap}"))? == guid(&format!("src/cut@{snap}"))?,
+            "{snap} did not arrive as itself"
+        );
+    }
     sh("zfs mount dst/ployz/cut || true")?;
     ensure!(checksums("/src/cut")? == checksums("/dst/ployz/cut")?);
     Ok(())
@@ -494,9 +509,11 @@ fn plaintext_token_refused(g: &Guest) -> Result<()> {
     Ok(())
 }
 
-/// A stream carrying `mountpoint=/etc`, `setuid=on` and a reservation (`send -p`, what a
-/// compromised source could send): received with `-x`/`-o`, so the copy never takes them (no
-/// share of the target's pool reserved either), and promoted below the pool.
+/// A stream carrying `mountpoint=/etc`, `setuid=on`, a reservation and a quota (`send -p`,
+/// what a compromised source could send) is compound: the receive port refuses it before
+/// `zfs receive` sees a byte, and nothing lands. The second line, for a stream that got past
+/// anyway, fed to ployz's own receive: it takes none of those properties (`-x`/`-o`), so no
+/// share of the target's pool is reserved, and the promotion mounts the copy below the pool.
 fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
     sh(
         "zfs create -o canmount=noauto -o mountpoint=/etc -o setuid=on -o reservation=16M \
@@ -508,7 +525,35 @@ fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
         let tcp = tokio::net::TcpStream::connect(g.addr).await?;
         anyhow::Ok(g.crafting.send(tcp, &job, &Progress::default()).await)
     })?;
-    sent(r)?;
+    match &r {
+        Err(e @ TransferError::Remote { .. }) if e.to_string().contains("compound stream") => {}
+        other => bail!("expected the compound stream refused, got {other:?}"),
+    }
+    let landed = sh("zfs list -H -o name dst/ployz/crafted 2>&1 || true")?;
+    ensure!(
+        landed.contains("does not exist"),
+        "the refused stream left {landed:?}"
+    );
+    let args = ReceiveArgs {
+        target: ds("dst/ployz/crafted")?,
+        resumable: true,
+        rollback: false,
+        neutralize: true,
+    };
+    g.rt.block_on(async {
+        let mut receive = g.zfs.receive(&args)?;
+        let mut stdin = receive.stdin.take().context("zfs receive has no stdin")?;
+        let mut send = tokio::process::Command::new("zfs")
+            .args(["send", "-p", "src/crafted@s1"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let mut stream = send.stdout.take().context("zfs send has no stdout")?;
+        tokio::io::copy(&mut stream, &mut stdin).await?;
+        drop(stdin);
+        ensure!(send.wait().await?.success(), "zfs send -p failed");
+        ployz::zfs::finish(receive, "zfs receive").await?;
+        anyhow::Ok(())
+    })?;
     let props =
         sh("zfs get -H -o value,source mountpoint,setuid,devices,canmount dst/ployz/crafted")?;
     ensure!(

@@ -1,13 +1,13 @@
 //! The first record of a ZFS stream, checked before `zfs receive` sees a byte of it: the
-//! stream must begin with a BEGIN record of a known header type, so that bytes which are not
-//! a ZFS stream fail with a clear message instead of whatever `zfs receive` makes of them.
+//! stream must begin with a BEGIN record of a *substream*, one snapshot's data and nothing
+//! else, so that bytes which are not a ZFS stream fail with a clear message instead of
+//! whatever `zfs receive` makes of them.
 //!
-//! Both header types pass. ployz's own `-I` sends are *compound* streams (a package of
-//! incrementals), and a compound stream can also carry the sender's properties
-//! (`mountpoint=/etc`, `setuid`, ...) and, with `-R`, child datasets. Those are dealt with on
-//! the receiving side: `receive -x`/`-o` where ZFS has them (OpenZFS), and on every ZFS the
-//! receiver resets and checks the dataset before it mounts it, and never mounts one with
-//! children (`Server::contain`).
+//! Compound streams are refused outright: they are what `zfs send -R`, `-p` and `-I` make, a
+//! package that can carry the sender's properties (`mountpoint=/etc`, `setuid`, a
+//! `reservation` as large as the pool) and child datasets. ployz's own sender sends one
+//! snapshot per stream (`zfs send -i`, `zfs::base::steps`), so it never makes one. The
+//! receiver's neutralizing (`receive -x`/`-o`, `Server::contain`) stays as a second line.
 //!
 //! Layout (OpenZFS `zfs_ioctl.h`, `dmu_replay_record_t`): `drr_type: u32` (0 = BEGIN),
 //! `drr_payloadlen: u32`, then `drr_begin`: `drr_magic: u64` (0x2F5bacbac), `drr_versioninfo:
@@ -33,6 +33,10 @@ pub enum BeginError {
     NotAStream,
     #[error("the stream's header type {0} is unknown")]
     UnknownType(u64),
+    #[error(
+        "the stream is a compound stream (zfs send -R, -p or -I), which can carry properties and child datasets; ployz receives one snapshot per stream (zfs send -i) and nothing else"
+    )]
+    Compound,
 }
 
 /// Checks the first [`HEAD`] bytes of a stream.
@@ -63,7 +67,8 @@ pub fn check(head: &[u8; HEAD]) -> Result<(), BeginError> {
         return Err(BeginError::NotAStream);
     }
     match u64_at(16, swap) & 3 {
-        SUBSTREAM | COMPOUND => Ok(()),
+        SUBSTREAM => Ok(()),
+        COMPOUND => Err(BeginError::Compound),
         other => Err(BeginError::UnknownType(other)),
     }
 }
@@ -174,10 +179,13 @@ mod tests {
     }
 
     #[test]
-    fn zfs_streams_pass_in_either_byte_order_and_anything_else_does_not() {
-        for hdrtype in [SUBSTREAM, COMPOUND] {
-            assert_eq!(check(&head(&header(hdrtype, false))), Ok(()));
-            assert_eq!(check(&head(&header(hdrtype, true))), Ok(()));
+    fn substreams_pass_in_either_byte_order_and_anything_else_does_not() {
+        for big_endian in [false, true] {
+            assert_eq!(check(&head(&header(SUBSTREAM, big_endian))), Ok(()));
+            assert_eq!(
+                check(&head(&header(COMPOUND, big_endian))),
+                Err(BeginError::Compound)
+            );
         }
         assert_eq!(
             check(&head(&header(3, false))),

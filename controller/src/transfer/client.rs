@@ -207,8 +207,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
             .open(tcp, job, Action::Receive, job.no_progress)
             .await?;
 
-        let (args, fallback_estimate) = match self.choose(job, &target).await {
-            Ok(Some(chosen)) => chosen,
+        let steps = match self.choose(job, &target).await {
+            Ok(Some(steps)) => steps,
             Ok(None) => {
                 write_frame(
                     &mut conn,
@@ -230,27 +230,64 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 return Err(e);
             }
         };
-        let resumed = args.resume_token.is_some();
-        // Protect the base from being destroyed while the incremental needs it.
-        let held = match &args.base {
-            Some(base::Base::Snapshot(p)) => {
-                Some(job.dataset.snapshot(&p.name).map_err(ZfsError::from)?)
-            }
-            _ => None,
-        };
-        if let Some(s) = &held {
-            self.zfs.hold(s).await?;
+        // The whole send's size, for progress and for the receiver's room.
+        let mut estimate = Some(0u64);
+        for (args, fallback) in &steps {
+            let one = match self.zfs.estimate(args, &self.info).await {
+                Ok(Some(e)) => Some(e),
+                _ => *fallback,
+            };
+            estimate = estimate.zip(one).map(|(a, b)| a.saturating_add(b));
         }
-        let base = args.base.as_ref().map(|b| b.point().name.clone());
-        let result = self
-            .stream(&mut conn, job, &target, &args, fallback_estimate, progress)
+        progress
+            .estimated_bytes
+            .store(estimate.unwrap_or(0), Ordering::Relaxed);
+        if let (Some(needed), Some(available)) = (estimate, target.available)
+            && needed > available
+        {
+            let e = TransferError::NoRoom {
+                machine: job.target_machine.clone(),
+                dataset: target.dataset.clone(),
+                needed,
+                available,
+            };
+            let _ = write_frame(
+                &mut conn,
+                &Offer::Nothing {
+                    reason: e.to_string(),
+                },
+            )
             .await;
-        if let Some(s) = &held {
-            // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
-            let _ = self.zfs.release(s).await;
+            return Err(e);
         }
-        let (stream_bytes, wire_bytes) = result?;
-        info!(migration = %job.migration, claim = %job.claim, ?base, resumed, stream_bytes, wire_bytes, "sent");
+        let first = steps.first().map(|(args, _)| args);
+        let resumed = first.is_some_and(|a| a.resume_token.is_some());
+        let base = first
+            .and_then(|a| a.base.as_ref())
+            .map(|b| b.point().name.clone());
+        let (mut stream_bytes, mut wire_bytes) = (0, 0);
+        for (i, (args, _)) in steps.iter().enumerate() {
+            // Protect the base from being destroyed while the incremental needs it.
+            let held = match &args.base {
+                Some(base::Base::Snapshot(p)) if args.resume_token.is_none() => {
+                    Some(job.dataset.snapshot(&p.name).map_err(ZfsError::from)?)
+                }
+                _ => None,
+            };
+            if let Some(s) = &held {
+                self.zfs.hold(s).await?;
+            }
+            let more = i + 1 < steps.len();
+            let result = self.stream(&mut conn, job, args, more, progress).await;
+            if let Some(s) = &held {
+                // Best effort: a leftover hold only keeps a snapshot alive, it never loses data.
+                let _ = self.zfs.release(s).await;
+            }
+            let (s, w) = result?;
+            stream_bytes += s;
+            wire_bytes += w;
+        }
+        info!(migration = %job.migration, claim = %job.claim, ?base, resumed, streams = steps.len(), stream_bytes, wire_bytes, "sent");
         Ok(SendReport::Sent {
             base,
             resumed,
@@ -370,25 +407,64 @@ impl<Z: Zfs + 'static> Sender<Z> {
             .await
     }
 
-    /// The send arguments for this target, or `None` when it is up to date; with the legacy
-    /// size estimate when this ZFS cannot estimate itself.
+    /// The streams to send this target, one per snapshot (the first may resume the
+    /// receiver's interrupted one), each with the legacy size estimate when this ZFS cannot
+    /// estimate itself; `None` when the target is up to date.
     async fn choose(
         &self,
         job: &SendJob,
         target: &TargetState,
-    ) -> Result<Option<(SendArgs, Option<u64>)>, TransferError> {
+    ) -> Result<Option<Vec<(SendArgs, Option<u64>)>>, TransferError> {
         let ours = self.info.capabilities;
         let theirs = target.capabilities;
-        let to = job.dataset.snapshot(&job.to).map_err(ZfsError::from)?;
-        let mut args = SendArgs::new(to);
-        // Only what both sides support: a legacy receiver cannot take a compressed stream.
-        args.compressed = ours.compressed_send && theirs.compressed_send;
         let inv = self.zfs.inventory(&job.dataset, &self.info).await?;
         let ds = inv
             .datasets
             .get(&job.dataset)
             .ok_or_else(|| ZfsError::NotFound(job.dataset.to_string()))?;
-        if let Some(token) = target.resume_token.clone().filter(|_| ours.resume_tokens) {
+        // Encrypted data leaves this machine encrypted: raw, and received without the key. A
+        // receiver that cannot take a raw stream does not get the plaintext instead.
+        if ds.encrypted && !(ours.raw_send && theirs.raw_send) {
+            return Err(TransferError::Unsupported {
+                machine: job.target_machine.clone(),
+                what: format!(
+                    "{} is encrypted and needs a raw send (zfs send -w), which {} cannot receive",
+                    job.dataset, job.target_machine
+                ),
+            });
+        }
+        let source = ds.source_side();
+        let base_error = |source| TransferError::Base {
+            dataset: job.dataset.to_string(),
+            source,
+        };
+        let to = source
+            .snapshots
+            .iter()
+            .find(|s| s.name == job.to)
+            .cloned()
+            .ok_or_else(|| base_error(BaseError::NoSuchSnapshot(job.to.clone())))?;
+        let args = |step: &base::Step| -> Result<SendArgs, TransferError> {
+            let mut a = SendArgs::new(
+                job.dataset
+                    .snapshot(&step.to.name)
+                    .map_err(ZfsError::from)?,
+            );
+            a.base = step.base.clone();
+            a.raw = ds.encrypted;
+            // Only what both sides support: a legacy receiver cannot take a compressed stream.
+            a.compressed = !a.raw && ours.compressed_send && theirs.compressed_send;
+            Ok(a)
+        };
+        let fallback = |a: &SendArgs| {
+            if ours.size_estimates {
+                None
+            } else {
+                legacy_estimate(ds, a)
+            }
+        };
+        let mut out = vec![];
+        let next = if let Some(token) = target.resume_token.clone().filter(|_| ours.resume_tokens) {
             // The token comes from the receiver: decoded and checked before it picks what
             // leaves this machine.
             let contents = self.zfs.resume_token(&token).await?;
@@ -397,92 +473,58 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 dataset: target.dataset.clone(),
                 what,
             })?;
-            args.resume_token = Some(token);
-            return Ok(Some((args, None)));
-        }
-        let side = TargetSide {
-            exists: target.exists,
-            snapshots: target.snapshots.clone(),
-            ployz_replica: target.ployz_replica,
-        };
-        let plan = base::plan_send(&ds.source_side(), &side, &job.to).map_err(|source| {
-            TransferError::Base {
-                dataset: job.dataset.to_string(),
-                source,
-            }
-        })?;
-        let base = match plan {
-            SendPlan::UpToDate { .. } => return Ok(None),
-            SendPlan::Full { .. } => None,
-            SendPlan::Incremental { base, .. } => Some(base),
-        };
-        args.base = base;
-        if ds.encrypted {
-            // Encrypted data leaves this machine encrypted: raw, and received without the
-            // key. A receiver that cannot take a raw stream does not get the plaintext instead.
-            if !(ours.raw_send && theirs.raw_send) {
-                return Err(TransferError::Unsupported {
-                    machine: job.target_machine.clone(),
-                    what: format!(
-                        "{} is encrypted and needs a raw send (zfs send -w), which {} cannot receive",
-                        job.dataset, job.target_machine
-                    ),
-                });
-            }
-            args.raw = true;
-            args.compressed = false;
-        }
-        let fallback = if ours.size_estimates {
-            None
+            let done = source
+                .snapshots
+                .iter()
+                .find(|s| s.guid == contents.to_guid)
+                .cloned()
+                .ok_or_else(|| base_error(BaseError::NoSuchSnapshot(contents.to.to_string())))?;
+            let mut resume = SendArgs::new(contents.to.clone());
+            resume.resume_token = Some(token);
+            out.push((resume, None));
+            // Then on from the snapshot the resumed stream completes.
+            (done.createtxg < to.createtxg).then_some(Some(base::Base::Snapshot(done)))
         } else {
-            legacy_estimate(ds, &args)
+            let side = TargetSide {
+                exists: target.exists,
+                snapshots: target.snapshots.clone(),
+                ployz_replica: target.ployz_replica,
+            };
+            match base::plan_send(&source, &side, &job.to).map_err(base_error)? {
+                SendPlan::UpToDate { .. } => return Ok(None),
+                SendPlan::Full { .. } => Some(None),
+                SendPlan::Incremental { base, .. } => Some(Some(base)),
+            }
         };
-        Ok(Some((args, fallback)))
+        if let Some(from) = next {
+            for step in base::steps(&source, from, &to) {
+                let a = args(&step)?;
+                let f = fallback(&a);
+                out.push((a, f));
+            }
+        }
+        Ok(Some(out))
     }
 
+    /// One stream; `more`: another follows on this connection.
     async fn stream<S>(
         &self,
         conn: &mut S,
         job: &SendJob,
-        target: &TargetState,
         args: &SendArgs,
-        fallback_estimate: Option<u64>,
+        more: bool,
         progress: &Progress,
     ) -> Result<(u64, u64), TransferError>
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
-        let estimate = match self.zfs.estimate(args, &self.info).await {
-            Ok(Some(e)) => Some(e),
-            _ => fallback_estimate,
-        };
-        progress
-            .estimated_bytes
-            .store(estimate.unwrap_or(0), Ordering::Relaxed);
-        if let (Some(needed), Some(available)) = (estimate, target.available)
-            && needed > available
-        {
-            let e = TransferError::NoRoom {
-                machine: job.target_machine.clone(),
-                dataset: target.dataset.clone(),
-                needed,
-                available,
-            };
-            let _ = write_frame(
-                conn,
-                &Offer::Nothing {
-                    reason: e.to_string(),
-                },
-            )
-            .await;
-            return Err(e);
-        }
         let offer = Offer::Stream {
-            to: job.to.clone(),
+            to: args.to.short().to_string(),
             base: args.base.as_ref().map(|b| b.point().name.clone()),
             base_guid: args.base.as_ref().map(|b| b.point().guid),
             resumed: args.resume_token.is_some(),
             compression: job.compression,
+            more,
         };
         write_frame(conn, &offer).await?;
         let mut child = self.zfs.send(args)?;

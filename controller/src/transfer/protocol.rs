@@ -16,7 +16,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::api::ZfsCapabilities;
 use crate::zfs::base::Point;
 
-pub const PROTOCOL_VERSION: u32 = 2;
+/// 3: one stream per snapshot (`Offer::Stream::more`); a version-2 sender's `-I` streams are
+/// compound, which a version-3 receiver refuses.
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest control frame; anything bigger is a protocol violation.
 const MAX_FRAME: u32 = 1 << 20;
 /// Largest data chunk.
@@ -127,6 +129,10 @@ pub enum Offer {
         /// The stream continues an interrupted receive from its token.
         resumed: bool,
         compression: WireCompression,
+        /// Another `Offer` follows this stream's `Outcome` on the same connection: the next
+        /// snapshot's stream (one per snapshot; see `zfs::base::steps`).
+        #[serde(default)]
+        more: bool,
     },
 }
 

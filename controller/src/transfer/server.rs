@@ -343,59 +343,87 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 
-        let offer: Offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
+        let mut offer: Offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
             .await
             .map_err(|_| ServerError::FrameTimeout(limits.frame))??;
-        let (compression, resumed, to, base_guid) = match offer {
-            Offer::Nothing { reason } => {
-                info!(%peer, %dataset, %reason, "nothing to receive");
-                return Ok(());
-            }
-            Offer::Stream {
-                compression,
-                resumed,
-                to,
-                base_guid,
-                ..
-            } => (compression, resumed, to, base_guid),
-        };
-        let outcome = match self.prepare(&dataset, &state, base_guid, resumed).await {
-            Ok(rollback) => {
-                self.receive(&mut conn, &dataset, &state, compression, rollback)
+        // One stream per snapshot (`transfer::base::steps`): the sender says whether another
+        // follows on this connection. Only the first may resume or roll the replica back.
+        let mut first = true;
+        let mut received = None;
+        let outcome = loop {
+            let (compression, resumed, to, base_guid, more) = match offer {
+                Offer::Nothing { reason } => {
+                    info!(%peer, %dataset, %reason, "nothing (more) to receive");
+                    break Ok(());
+                }
+                Offer::Stream {
+                    compression,
+                    resumed,
+                    to,
+                    base_guid,
+                    more,
+                    ..
+                } => (compression, resumed, to, base_guid, more),
+            };
+            let step = if first {
+                match self.prepare(&dataset, &state, base_guid, resumed).await {
+                    Ok(rollback) => {
+                        self.receive(&mut conn, &dataset, &state, compression, rollback)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                }
+            } else {
+                self.receive(&mut conn, &dataset, &state, compression, false)
                     .await
+            };
+            let reply = match &step {
+                Ok(bytes) => {
+                    if first {
+                        self.after_receive(&dataset, found.as_ref(), &hello, &claim, &peer)
+                            .await;
+                    }
+                    info!(%peer, %dataset, snapshot = %to, bytes, "received");
+                    Outcome::Received { bytes: *bytes }
+                }
+                Err(ServerError::Zfs(e)) => Outcome::Failed {
+                    reason: failure_of(e),
+                    message: e.to_string(),
+                },
+                // Not the link's fault: sending it again would be refused again.
+                Err(e @ ServerError::StreamRefused(_)) => Outcome::Failed {
+                    reason: ReceiveFailure::Other,
+                    message: e.to_string(),
+                },
+                Err(e) => Outcome::Failed {
+                    reason: ReceiveFailure::StreamBroken,
+                    message: e.to_string(),
+                },
+            };
+            // The sender may be gone already (a cut link); the outcome is logged either way.
+            let _ = write_frame(&mut conn, &reply).await;
+            first = false;
+            match step {
+                Ok(_) if more => {
+                    received = Some(to);
+                    offer = tokio::time::timeout(limits.frame, read_frame(&mut conn))
+                        .await
+                        .map_err(|_| ServerError::FrameTimeout(limits.frame))??;
+                }
+                Ok(_) => {
+                    received = Some(to);
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
             }
-            Err(e) => Err(e),
         };
-        let reply = match &outcome {
-            Ok(bytes) => {
-                self.after_receive(&dataset, found.as_ref(), &hello, &claim, &peer)
-                    .await;
-                info!(%peer, %dataset, snapshot = %to, bytes, "received");
-                Outcome::Received { bytes: *bytes }
-            }
-            Err(ServerError::Zfs(e)) => Outcome::Failed {
-                reason: failure_of(e),
-                message: e.to_string(),
-            },
-            // Not the link's fault: sending it again would be refused again.
-            Err(e @ ServerError::StreamRefused(_)) => Outcome::Failed {
-                reason: ReceiveFailure::Other,
-                message: e.to_string(),
-            },
-            Err(e) => Outcome::Failed {
-                reason: ReceiveFailure::StreamBroken,
-                message: e.to_string(),
-            },
-        };
-        // The sender may be gone already (a cut link); the outcome is logged either way.
-        let _ = write_frame(&mut conn, &reply).await;
         // After the answer: the sender's next step (the promotion, after the final delta)
         // need not wait for this best-effort mark, nor find the dataset still busy.
         drop(active);
-        if outcome.is_ok() {
-            self.mark_peer(&dataset, &to, &peer).await;
+        if let Some(to) = &received {
+            self.mark_peer(&dataset, to, &peer).await;
         }
-        outcome.map(drop)
+        outcome
     }
 
     async fn inspect(

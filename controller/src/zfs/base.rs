@@ -151,9 +151,83 @@ pub fn plan_send(
     })
 }
 
+/// One stream of a send: from `base` (none: a full stream) to the snapshot `to`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub base: Option<Base>,
+    pub to: Point,
+}
+
+/// The streams that bring a target from `base` to `to`, one snapshot each (`zfs send -i`),
+/// every snapshot of the source in between arriving with its GUID as `-I` would bring it.
+/// One stream per snapshot is what lets the receiver refuse compound streams, the only kind
+/// that can carry properties or child datasets (`transfer::begin`).
+pub fn steps(source: &SourceSide, base: Option<Base>, to: &Point) -> Vec<Step> {
+    let Some(base) = base else {
+        return vec![Step {
+            base: None,
+            to: to.clone(),
+        }];
+    };
+    let from = base.point().createtxg;
+    let mut between: Vec<&Point> = source
+        .snapshots
+        .iter()
+        .filter(|s| s.createtxg > from && s.createtxg < to.createtxg)
+        .collect();
+    between.sort_by_key(|s| s.createtxg);
+    let mut out = Vec::with_capacity(between.len() + 1);
+    let mut prev = base;
+    for s in between.into_iter().chain(std::iter::once(to)) {
+        out.push(Step {
+            base: Some(prev),
+            to: s.clone(),
+        });
+        prev = Base::Snapshot(s.clone());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_send_is_one_stream_per_snapshot() {
+        let src = source();
+        assert_eq!(
+            steps(&src, None, &p("s3", 3, 30)),
+            [Step {
+                base: None,
+                to: p("s3", 3, 30)
+            }]
+        );
+        let from_s1 = steps(&src, Some(Base::Snapshot(p("s1", 1, 10))), &p("s3", 3, 30));
+        assert_eq!(
+            from_s1,
+            [
+                Step {
+                    base: Some(Base::Snapshot(p("s1", 1, 10))),
+                    to: p("s2", 2, 20)
+                },
+                Step {
+                    base: Some(Base::Snapshot(p("s2", 2, 20))),
+                    to: p("s3", 3, 30)
+                },
+            ]
+        );
+        // From a bookmark: the first stream starts there, the next from a snapshot.
+        let from_mark = steps(&src, Some(Base::Bookmark(p("b1", 1, 10))), &p("s3", 3, 30));
+        assert_eq!(from_mark.len(), 2);
+        assert_eq!(from_mark[0].base, Some(Base::Bookmark(p("b1", 1, 10))));
+        // Only up to `to`, and nothing older than the base.
+        let short = steps(&src, Some(Base::Snapshot(p("s2", 2, 20))), &p("s3", 3, 30));
+        assert_eq!(short.len(), 1);
+        assert_eq!(
+            steps(&src, Some(Base::Snapshot(p("s1", 1, 10))), &p("s2", 2, 20)).len(),
+            1
+        );
+    }
 
     fn p(name: &str, guid: u64, txg: u64) -> Point {
         Point {

@@ -219,17 +219,12 @@ impl SendArgs {
         if self.raw {
             args.push("-w".into());
         }
-        match &self.base {
-            // -I carries every intermediate snapshot; a bookmark base only takes -i.
-            Some(b @ base::Base::Snapshot(_)) => {
-                args.push("-I".into());
-                args.push(format!("{}{}", self.to.dataset(), b.suffix()));
-            }
-            Some(b @ base::Base::Bookmark(_)) => {
-                args.push("-i".into());
-                args.push(format!("{}{}", self.to.dataset(), b.suffix()));
-            }
-            None => {}
+        // Never -I: its stream is compound, the kind that can carry properties and child
+        // datasets, which receivers refuse. Snapshots in between go one stream each
+        // (`base::steps`).
+        if let Some(b) = &self.base {
+            args.push("-i".into());
+            args.push(format!("{}{}", self.to.dataset(), b.suffix()));
         }
         args.push(self.to.to_string());
         args
@@ -446,7 +441,7 @@ mod tests {
         assert_eq!(a.to_args(), ["tank/v@s3"]);
         a.base = Some(base::Base::Snapshot(point("s1", 1, 1)));
         a.compressed = true;
-        assert_eq!(a.to_args(), ["-c", "-I", "tank/v@s1", "tank/v@s3"]);
+        assert_eq!(a.to_args(), ["-c", "-i", "tank/v@s1", "tank/v@s3"]);
         a.base = Some(base::Base::Bookmark(point("b1", 1, 1)));
         assert_eq!(a.to_args(), ["-c", "-i", "tank/v#b1", "tank/v@s3"]);
         a.resume_token = Some("1-abc".into());
