@@ -602,30 +602,18 @@ mod tests {
     use crate::zfs::{Dataset, Snapshot};
 
     fn dataset(encrypted: bool) -> Dataset {
-        let name: DatasetName = "tank/ployz/pv-1".parse().unwrap_or_else(|e| panic!("{e}"));
-        Dataset {
-            snapshots: vec![Snapshot {
-                name: name.snapshot("ployz-2").unwrap_or_else(|e| panic!("{e}")),
-                guid: 22,
-                createtxg: 9,
-                used: 0,
-                referenced: 0,
-                userrefs: 0,
-                user_props: BTreeMap::new(),
-            }],
-            name,
-            guid: 1,
-            createtxg: 1,
+        let mut d = Dataset::fixture("tank/ployz/pv-1");
+        d.snapshots = vec![Snapshot {
+            name: d.name.snapshot("ployz-2").unwrap_or_else(|e| panic!("{e}")),
+            guid: 22,
+            createtxg: 9,
             used: 0,
             referenced: 0,
-            available: 0,
-            mountpoint: None,
-            readonly: false,
-            resume_token: None,
-            encrypted,
+            userrefs: 0,
             user_props: BTreeMap::new(),
-            bookmarks: vec![],
-        }
+        }];
+        d.encrypted = encrypted;
+        d
     }
 
     fn token(to: &str, to_guid: u64, raw: bool) -> ResumeToken {

@@ -76,6 +76,23 @@ pub enum ServerError {
     Pump(#[from] PumpError),
 }
 
+/// Answers a `Hello` with a refusal; the error to end the connection with.
+async fn refuse<S: AsyncWrite + Unpin>(
+    conn: &mut S,
+    peer: String,
+    reason: RefusalReason,
+    message: String,
+) -> ServerError {
+    let reply = HelloReply::Refused {
+        reason,
+        message: message.clone(),
+    };
+    match write_frame(conn, &reply).await {
+        Ok(()) => ServerError::Refused { peer, message },
+        Err(e) => e.into(),
+    }
+}
+
 /// The receiver. Cheap to share; one task per connection.
 pub struct Server<Z, A> {
     zfs: Arc<Z>,
@@ -247,15 +264,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                     Full::Peer(_) => format!("{peer} {full}"),
                     Full::AllPeers(_) => full.to_string(),
                 };
-                write_frame(
-                    &mut conn,
-                    &HelloReply::Refused {
-                        reason: RefusalReason::Busy,
-                        message: message.clone(),
-                    },
-                )
-                .await?;
-                return Err(ServerError::Refused { peer, message });
+                return Err(refuse(&mut conn, peer, RefusalReason::Busy, message).await);
             }
         };
         let grant = if hello.version != PROTOCOL_VERSION {
@@ -275,15 +284,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         let Grant { dataset, claim } = match grant {
             Ok(g) => g,
             Err((reason, message)) => {
-                write_frame(
-                    &mut conn,
-                    &HelloReply::Refused {
-                        reason,
-                        message: message.clone(),
-                    },
-                )
-                .await?;
-                return Err(ServerError::Refused { peer, message });
+                return Err(refuse(&mut conn, peer, reason, message).await);
             }
         };
         let inserted = self
@@ -294,15 +295,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         if !inserted {
             let message =
                 format!("a receive into {dataset} is already in progress; retry when it ends");
-            write_frame(
-                &mut conn,
-                &HelloReply::Refused {
-                    reason: RefusalReason::Internal,
-                    message: message.clone(),
-                },
-            )
-            .await?;
-            return Err(ServerError::Refused { peer, message });
+            return Err(refuse(&mut conn, peer, RefusalReason::Internal, message).await);
         }
         let active = ActiveGuard {
             set: &self.active,
@@ -331,15 +324,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         }
         let (state, found) = self.target_state(&dataset).await?;
         if let Some(Err(message)) = found.as_ref().map(|ds| ds.holds_claim(&claim)) {
-            write_frame(
-                &mut conn,
-                &HelloReply::Refused {
-                    reason: RefusalReason::NotThisVolume,
-                    message: message.clone(),
-                },
-            )
-            .await?;
-            return Err(ServerError::Refused { peer, message });
+            return Err(refuse(&mut conn, peer, RefusalReason::NotThisVolume, message).await);
         }
         write_frame(&mut conn, &HelloReply::Accepted(state.clone())).await?;
 

@@ -428,6 +428,28 @@ pub fn legacy_estimate(dataset: &Dataset, send: &SendArgs) -> Option<u64> {
 }
 
 #[cfg(test)]
+impl Dataset {
+    /// An empty dataset of that name, for tests to fill in.
+    pub(crate) fn fixture(name: &str) -> Dataset {
+        Dataset {
+            name: name.parse().unwrap_or_else(|e| panic!("{e}")),
+            guid: 1,
+            createtxg: 1,
+            used: 0,
+            referenced: 0,
+            available: 0,
+            mountpoint: None,
+            readonly: false,
+            resume_token: None,
+            encrypted: false,
+            user_props: BTreeMap::new(),
+            snapshots: vec![],
+            bookmarks: vec![],
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -465,24 +487,12 @@ mod tests {
     }
 
     fn dataset(props: &[(&str, &str)]) -> Dataset {
-        Dataset {
-            name: "tank/ployz/pv-1".parse().unwrap_or_else(|e| panic!("{e}")),
-            guid: 1,
-            createtxg: 1,
-            used: 0,
-            referenced: 0,
-            available: 0,
-            mountpoint: None,
-            readonly: true,
-            resume_token: None,
-            encrypted: false,
-            user_props: props
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-            snapshots: vec![],
-            bookmarks: vec![],
-        }
+        let mut d = Dataset::fixture("tank/ployz/pv-1");
+        d.user_props = props
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        d
     }
 
     #[test]
