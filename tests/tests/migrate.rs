@@ -1476,7 +1476,9 @@ fn wait_agent_exit(env: &Env, machine: &str) -> Result<()> {
 /// A Deployment whose pods run and write on machine-b but never turn Ready there: the
 /// rollback stops them (scale to 0, wait until gone) before it rebinds the volume to the
 /// source and starts the workload there, so two copies never run at once. What the pod
-/// wrote on machine-b stays in machine-b's copy, now a read-only replica.
+/// wrote on machine-b is kept there, read-only, under a name no Migration plans
+/// (`DATASET-kept-TIMESTAMP`, a TargetWritesKept Event says where): as a replica, the next
+/// move to machine-b would have rolled it back.
 fn rollback_stops_target_first(env: &mut Env) -> Result<()> {
     let ns = "mig-stop-first";
     let opts = k8s::AppOptions {
@@ -1510,7 +1512,18 @@ fn rollback_stops_target_first(env: &mut Env) -> Result<()> {
     assert_on(env, ns, &vol.pv, "app=web", A)?;
     // The pod on machine-b ran and wrote; the pod that started on machine-a again wrote its
     // first record only after machine-b's pod had written its last.
-    let on_b = mountpoint(b, &vol.dataset)?;
+    let prefix = format!("{}-kept-", vol.dataset);
+    let listed = b.zfs(&["list", "-H", "-o", "name"])?;
+    let kept: Vec<&str> = listed.lines().filter(|l| l.starts_with(&prefix)).collect();
+    let [kept] = kept[..] else {
+        bail!("machine-b kept no copy (or several) of what the pod wrote there: {listed}");
+    };
+    ensure!(
+        !listed.lines().any(|l| l == vol.dataset),
+        "{} is still there besides {kept}",
+        vol.dataset
+    );
+    let on_b = mountpoint(b, kept)?;
     let there = Ledger::read(b, &on_b)?;
     let on_target: Vec<_> = there
         .records
@@ -1537,10 +1550,22 @@ fn rollback_stops_target_first(env: &mut Env) -> Result<()> {
         "    the pod on machine-b wrote {} record(s), stopped; machine-a resumed after it",
         on_target.len()
     );
-    ensure!(prop(b, &vol.dataset, "ployz:replica")? == "true");
+    ensure!(prop(b, kept, "ployz:replica")? == "false");
     ensure!(
         b.sh(&format!("touch '{on_b}/x'")).is_err(),
-        "machine-b's copy is still writable"
+        "machine-b's kept copy is still writable"
+    );
+    let events: Api<Event> = Api::namespaced(env.client.clone(), ns);
+    let notes: Vec<String> = env
+        .block_on(events.list(&ListParams::default()))?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("TargetWritesKept"))
+        .filter_map(|e| e.note)
+        .collect();
+    ensure!(
+        notes.iter().any(|n| n.contains(kept)),
+        "no TargetWritesKept event naming {kept}: {notes:?}"
     );
     Ok(())
 }

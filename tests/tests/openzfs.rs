@@ -575,7 +575,10 @@ fn crafted_stream_lands_below_the_pool(g: &Guest) -> Result<()> {
         "conformance/crafted",
     ))?;
     ensure!(
-        promoted.as_deref() == Some("/dst/ployz/crafted"),
+        promoted
+            == ployz::transfer::protocol::Outcome::Promoted {
+                mountpoint: "/dst/ployz/crafted".into()
+            },
         "promoted at {promoted:?}"
     );
     let etc = sh("findmnt -n -o SOURCE /etc || true")?;

@@ -38,7 +38,7 @@ use crate::plan::rebind::{
 use crate::plan::snapshot_name;
 use crate::transfer::client::{SendJob, TransferError};
 use crate::transfer::protocol::{
-    Action as PeerAction, MigrationKey, RefusalReason, WireCompression,
+    Action as PeerAction, MigrationKey, Outcome, RefusalReason, WireCompression,
 };
 use crate::transfer::tls::Pin;
 use crate::zfs::{
@@ -541,7 +541,15 @@ async fn perform(
         }
         Effect::Demote => {
             for v in &plan.volumes {
-                role_change(ctx, m, plan, &v.claim, PeerAction::Demote).await?;
+                // A copy the workload wrote to on the target is kept there under another name.
+                if let Some(kept) = role_change(ctx, m, plan, &v.claim, PeerAction::Demote).await? {
+                    let note = format!(
+                        "the workload wrote to claim {}'s volume on {} after the cutover; ployz does not carry that back: the copy is kept read-only there as {kept}. Copy what you need from it, then destroy it (zfs destroy -r {kept})",
+                        v.claim, plan.target
+                    );
+                    warn!(migration = %key(m), %kept, "target copy kept");
+                    status::event(ctx, m, EventType::Warning, "TargetWritesKept", &note).await;
+                }
             }
         }
         Effect::Unlock => w.unlock(&m.name_any()).await?,
@@ -1281,6 +1289,11 @@ async fn role_change(
                     .server
                     .change_role(&ds, action, &claim_key(m, claim))
                     .await
+                    .map(|outcome| match outcome {
+                        Outcome::Promoted { mountpoint } => Some(mountpoint),
+                        Outcome::Kept { dataset } => Some(dataset),
+                        _ => None,
+                    })
                     .map_err(|e| e.to_string()),
                 Ok(ds) => Err(format!(
                     "the plan puts claim {claim} at {}; this machine keeps it at {ds}",

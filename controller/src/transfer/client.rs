@@ -342,7 +342,8 @@ impl<Z: Zfs + 'static> Sender<Z> {
     }
 
     /// Asks the target to promote or demote its copy of `job`'s volume; returns the
-    /// mountpoint of a promoted copy.
+    /// mountpoint of a promoted copy, or the name a demoted copy was kept under
+    /// ([`Outcome::Kept`]).
     pub async fn request(
         &self,
         tcp: TcpStream,
@@ -356,6 +357,7 @@ impl<Z: Zfs + 'static> Sender<Z> {
         match answer {
             Outcome::Promoted { mountpoint } => Ok(Some(mountpoint)),
             Outcome::Demoted => Ok(None),
+            Outcome::Kept { dataset } => Ok(Some(dataset)),
             Outcome::Failed { reason, message } => Err(TransferError::Remote {
                 machine: job.target_machine.clone(),
                 reason,

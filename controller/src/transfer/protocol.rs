@@ -163,6 +163,12 @@ pub enum Outcome {
     },
     /// Answer to [`Action::Demote`].
     Demoted,
+    /// Answer to [`Action::Demote`] of a copy the workload wrote to on this machine: kept
+    /// (read-only) under `dataset`, a name no Migration plans, so that no later receive
+    /// rolls back what it wrote.
+    Kept {
+        dataset: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -30,6 +30,16 @@ use crate::zfs::{
     PROP_SOURCE, ReceiveArgs, Zfs, ZfsError,
 };
 
+/// The snapshot a demote takes to see whether a promoted copy was written to.
+const PROBE: &str = "ployz-demote-probe";
+
+/// Whether a dataset changed between its snapshot `base` and a later snapshot `probe` with
+/// nothing in between: any change rewrites blocks (copy on write), which leaves `base` blocks
+/// of its own, or adds some, which changes what `probe` refers to.
+pub fn written_since(base: &crate::zfs::Snapshot, probe: &crate::zfs::Snapshot) -> bool {
+    base.used > 0 || probe.referenced != base.referenced
+}
+
 /// How long an empty, unmarked target may take to vanish after an interrupted receive.
 const SETTLE: Duration = Duration::from_secs(5);
 /// Pause after a failed accept, doubling up to the maximum while accepts keep failing.
@@ -309,10 +319,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
             };
             write_frame(&mut conn, &HelloReply::Accepted(state)).await?;
             let reply = match &done {
-                Ok(Some(mountpoint)) => Outcome::Promoted {
-                    mountpoint: mountpoint.clone(),
-                },
-                Ok(None) => Outcome::Demoted,
+                Ok(outcome) => outcome.clone(),
                 Err(e) => Outcome::Failed {
                     reason: ReceiveFailure::Other,
                     message: e.to_string(),
@@ -567,7 +574,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         dataset: &DatasetName,
         action: Action,
         claim: &str,
-    ) -> Result<Option<String>, ServerError> {
+    ) -> Result<Outcome, ServerError> {
         let found = self
             .inspect(dataset)
             .await?
@@ -581,7 +588,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         found: &crate::zfs::Dataset,
         action: Action,
         claim: &str,
-    ) -> Result<Option<String>, ServerError> {
+    ) -> Result<Outcome, ServerError> {
         found
             .holds_claim(claim)
             .map_err(ServerError::NotThisVolume)?;
@@ -589,6 +596,15 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         let name = dataset.as_str();
         let mountpoint = self.contain(dataset).await?;
         if action == Action::Demote {
+            // A copy promoted here and written to since (a rollback after the workload ran
+            // on this machine) would lose those writes to the next receive's rollback.
+            if !found.is_ployz_replica()
+                && let Some(kept) = self.set_aside_if_written(found).await?
+            {
+                return Ok(Outcome::Kept {
+                    dataset: kept.to_string(),
+                });
+            }
             self.zfs.set(name, PROP_REPLICA, "true").await?;
             self.zfs.set(name, "readonly", "on").await?;
             // zfs-fuse applies readonly only at mount time; the workload is stopped by now.
@@ -597,7 +613,7 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => {}
                 other => other?,
             }
-            return Ok(None);
+            return Ok(Outcome::Demoted);
         }
         self.zfs.set(name, "readonly", "off").await?;
         self.zfs.set(name, PROP_REPLICA, "false").await?;
@@ -611,13 +627,60 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
         // As `contain` read it: mounting does not change it.
         mountpoint
             .filter(|m| m.starts_with('/'))
-            .map(Some)
+            .map(|mountpoint| Outcome::Promoted { mountpoint })
             .ok_or_else(|| {
                 ServerError::Zfs(ZfsError::Failed {
                     command: "zfs get mountpoint".into(),
                     stderr: format!("{dataset} has no mountpoint to bind a volume to"),
                 })
             })
+    }
+
+    /// A promoted copy that changed since its newest snapshot (what the cutover received)
+    /// is kept read-only under `NAME-kept-TIMESTAMP`, out of every plan; returns that name.
+    /// A probe snapshot settles the question: taking it syncs what was written, and the
+    /// newest snapshot then holds blocks of its own, or the probe refers to other data.
+    async fn set_aside_if_written(
+        &self,
+        found: &crate::zfs::Dataset,
+    ) -> Result<Option<DatasetName>, ServerError> {
+        let dataset = &found.name;
+        let Some(base) = found.snapshots.last() else {
+            return Ok(None);
+        };
+        let probe = dataset.snapshot(PROBE).map_err(ZfsError::from)?;
+        match self.zfs.destroy_snapshot(&probe).await {
+            Ok(()) | Err(ZfsError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.zfs.snapshot(&probe, &[]).await?;
+        let inv = self.zfs.inventory(dataset, &self.info).await?;
+        let now = inv.datasets.get(dataset);
+        let snap = |short: &str| now.and_then(|d| d.snapshot(short));
+        if !snap(base.name.short())
+            .zip(snap(PROBE))
+            .is_none_or(|(b, p)| written_since(b, p))
+        {
+            self.zfs.destroy_snapshot(&probe).await?;
+            return Ok(None);
+        }
+        let stamp = k8s_openapi::jiff::Timestamp::now().strftime("%Y%m%d%H%M%S");
+        let kept: DatasetName = format!("{dataset}-kept-{stamp}")
+            .parse()
+            .map_err(ZfsError::from)?;
+        let name = dataset.as_str();
+        self.zfs.set(name, PROP_REPLICA, "false").await?;
+        self.zfs.set(name, "readonly", "on").await?;
+        // zfs-fuse renames only an unmounted dataset; the workload's pods are gone by now.
+        self.zfs.unmount(dataset).await?;
+        self.zfs.rename(dataset, &kept).await?;
+        // Mounted again, read-only, where its new name puts it: what was written can be read.
+        match self.zfs.mount(&kept).await {
+            Err(ZfsError::Failed { stderr, .. }) if stderr.contains("already mounted") => {}
+            other => other?,
+        }
+        warn!(%dataset, %kept, "the workload wrote to this copy after the cutover; kept it read-only under another name");
+        Ok(Some(kept))
     }
 
     /// Before any mount: the dataset's mountpoint comes from its parent, it honours no setuid
@@ -734,5 +797,36 @@ impl<Z: Zfs + 'static, A: Authorizer + 'static> Server<Z, A> {
                 warn!(%dataset, prop, error = %e, "cannot mark received dataset");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn snap(name: &str, used: u64, referenced: u64) -> crate::zfs::Snapshot {
+        crate::zfs::Snapshot {
+            name: name.parse().unwrap_or_else(|e| panic!("{e}")),
+            guid: 1,
+            createtxg: 1,
+            used,
+            referenced,
+            userrefs: 0,
+            user_props: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn a_copy_counts_as_written_when_its_newest_snapshot_no_longer_describes_it() {
+        let base = |used| snap("tank/ployz/v@final", used, 4096);
+        let probe = |referenced| snap("tank/ployz/v@probe", 0, referenced);
+        assert!(!written_since(&base(0), &probe(4096)), "mounted, untouched");
+        assert!(written_since(&base(0), &probe(8192)), "appended");
+        assert!(
+            written_since(&base(512), &probe(4096)),
+            "rewritten in place: the old blocks are the snapshot's own"
+        );
     }
 }
