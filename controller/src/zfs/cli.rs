@@ -256,7 +256,8 @@ impl Zfs for ZfsCli {
     }
 
     async fn rename(&self, from: &DatasetName, to: &DatasetName) -> Result<(), ZfsError> {
-        self.run(&["rename", from.as_str(), to.as_str()])
+        // zfs-fuse refuses a rename as busy for a moment after a snapshot or an unmount.
+        self.run_retrying_busy(&["rename".into(), from.to_string(), to.to_string()])
             .await
             .map(drop)
     }
