@@ -152,6 +152,34 @@ impl State {
         }
     }
 
+    /// A new snapshot `short` of `ds` at the next txg; `exists` is what ZFS says when `ds`
+    /// already has one of that name.
+    fn add_snapshot(
+        &mut self,
+        ds: &str,
+        short: &str,
+        guid: u64,
+        props: BTreeMap<String, String>,
+        exists: String,
+    ) -> Result<()> {
+        let txg = self.next_txg();
+        let d = self.ds_mut(ds)?;
+        if d.snapshots.contains_key(short) {
+            return fail(exists);
+        }
+        d.snapshots.insert(
+            short.into(),
+            Snap {
+                guid,
+                createtxg: txg,
+                props,
+                holds: BTreeSet::new(),
+                bytes: DELTA_BYTES,
+            },
+        );
+        Ok(())
+    }
+
     fn ds_mut(&mut self, name: &str) -> Result<&mut Ds> {
         match self.datasets.get_mut(name) {
             Some(d) => Ok(d),
@@ -496,24 +524,8 @@ fn snapshot(s: &mut State, args: &[&str]) -> Result<()> {
         return fail("usage: zfs snapshot [-o property=value] ... <snapshot>");
     };
     let (ds, short) = split_snap(name)?;
-    let txg = s.next_txg();
-    let d = s.ds_mut(ds)?;
-    if d.snapshots.contains_key(short) {
-        return fail(format!(
-            "cannot create snapshot '{name}': dataset already exists"
-        ));
-    }
-    d.snapshots.insert(
-        short.into(),
-        Snap {
-            guid: random_guid(),
-            createtxg: txg,
-            props,
-            holds: BTreeSet::new(),
-            bytes: DELTA_BYTES,
-        },
-    );
-    Ok(())
+    let exists = format!("cannot create snapshot '{name}': dataset already exists");
+    s.add_snapshot(ds, short, random_guid(), props, exists)
 }
 
 fn find_snap<'a>(s: &'a mut State, name: &str) -> Result<&'a mut Snap> {
@@ -864,23 +876,8 @@ fn receive(dir: &Path, args: &[&str], stdin: &mut dyn Read) -> Result<()> {
             }
         }
         for (short, guid, sprops) in &meta.snapshots {
-            let txg = s.next_txg();
-            let d = s.ds_mut(name)?;
-            if d.snapshots.contains_key(short) {
-                return fail(format!(
-                    "cannot receive: destination snapshot {name}@{short} exists"
-                ));
-            }
-            d.snapshots.insert(
-                short.clone(),
-                Snap {
-                    guid: *guid,
-                    createtxg: txg,
-                    props: sprops.clone(),
-                    holds: BTreeSet::new(),
-                    bytes: DELTA_BYTES,
-                },
-            );
+            let exists = format!("cannot receive: destination snapshot {name}@{short} exists");
+            s.add_snapshot(name, short, *guid, sprops.clone(), exists)?;
         }
         Ok(())
     })

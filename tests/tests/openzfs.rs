@@ -143,7 +143,7 @@ impl Authorizer for AllowAll {
                 reason: ployz::transfer::protocol::RefusalReason::OutsideParent,
                 message: e.to_string(),
             })?,
-            claim: format!("{}/{}", hello.migration.namespace, hello.claim),
+            claim: ployz::zfs::claim_owner(&hello.migration.namespace, &hello.claim),
         })
     }
 }

@@ -1419,9 +1419,9 @@ async fn retire_source(
     Ok(())
 }
 
-/// `namespace/claim`, as `ployz:claim` records whose volume a dataset holds.
+/// Claim `claim` of the Migration's namespace, as `ployz:claim` records it.
 fn claim_key(m: &Migration, claim: &str) -> String {
-    format!("{}/{claim}", m.namespace().unwrap_or_default())
+    crate::zfs::claim_owner(&m.namespace().unwrap_or_default(), claim)
 }
 
 async fn mark_replica(ctx: &Ctx, ds: &DatasetName, tag: &str, claim: &str) -> Result<(), ZfsError> {

@@ -169,7 +169,7 @@ pub fn decide(
     }
     Ok(Grant {
         dataset,
-        claim: format!("{}/{}", key.namespace, hello.claim),
+        claim: crate::zfs::claim_owner(&key.namespace, &hello.claim),
     })
 }
 

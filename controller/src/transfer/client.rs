@@ -440,12 +440,15 @@ impl<Z: Zfs + 'static> Sender<Z> {
             dataset: job.dataset.to_string(),
             source,
         };
-        let to = source
-            .snapshots
-            .iter()
-            .find(|s| s.name == job.to)
-            .cloned()
-            .ok_or_else(|| base_error(BaseError::NoSuchSnapshot(job.to.clone())))?;
+        let snapshot = |found: Option<&base::Point>, name: String| {
+            found
+                .cloned()
+                .ok_or_else(|| base_error(BaseError::NoSuchSnapshot(name)))
+        };
+        let to = snapshot(
+            source.snapshots.iter().find(|s| s.name == job.to),
+            job.to.clone(),
+        )?;
         let args = |step: &base::Step| -> Result<SendArgs, TransferError> {
             let mut a = SendArgs::new(
                 job.dataset
@@ -475,12 +478,10 @@ impl<Z: Zfs + 'static> Sender<Z> {
                 dataset: target.dataset.clone(),
                 what,
             })?;
-            let done = source
-                .snapshots
-                .iter()
-                .find(|s| s.guid == contents.to_guid)
-                .cloned()
-                .ok_or_else(|| base_error(BaseError::NoSuchSnapshot(contents.to.to_string())))?;
+            let done = snapshot(
+                source.snapshots.iter().find(|s| s.guid == contents.to_guid),
+                contents.to.to_string(),
+            )?;
             let mut resume = SendArgs::new(contents.to.clone());
             resume.resume_token = Some(token);
             out.push((resume, None));

@@ -33,6 +33,11 @@ pub const PROP_PEERS: &str = "ployz:peers";
 /// (`namespace/name`) whose volume it holds. A receive or role change for another claim is
 /// refused, so a replica left behind by a deleted PV never takes another claim's stream.
 pub const PROP_CLAIM: &str = "ployz:claim";
+
+/// The value of [`PROP_CLAIM`] for claim `claim` of `namespace`.
+pub fn claim_owner(namespace: &str, claim: &str) -> String {
+    format!("{namespace}/{claim}")
+}
 /// User property on a replica: the machine its last stream came from. For people reading the
 /// pool; not checked, since a volume may come back from any machine that holds its lineage.
 pub const PROP_SOURCE: &str = "ployz:source";
